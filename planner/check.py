@@ -55,15 +55,15 @@ def placement_violation(items: Iterable[Placement], capacity: int | None, alignm
     active: list[Placement] = []
     for b in items:
         if b.offset < 0 or b.offset % alignment:
-            return f"buffer {b.id} at offset {b.offset} is not a non-negative multiple of {alignment}"
+            return f"buffer {b.id!r} at offset {b.offset} is not a non-negative multiple of {alignment}"
         if capacity is not None and b.offset + b.size > capacity:
-            return f"buffer {b.id} ends at {b.offset + b.size}, beyond the capacity {capacity}"
+            return f"buffer {b.id!r} ends at {b.offset + b.size}, beyond the capacity {capacity}"
         if b.end <= b.start or b.size == 0:
             continue
         active = [a for a in active if a.end > b.start]
         for a in active:
             if a.offset < b.offset + b.size and b.offset < a.offset + a.size:
-                return (f"buffer {b.id} [{b.offset}, {b.offset + b.size}) overlaps live buffer {a.id} "
+                return (f"buffer {b.id!r} [{b.offset}, {b.offset + b.size}) overlaps live buffer {a.id!r} "
                         f"[{a.offset}, {a.offset + a.size}) at step {b.start}")
         active.append(b)
     return None
@@ -119,83 +119,98 @@ def simulate(graph: LifetimeGraph, instructions: Sequence, target: Target) -> tu
             raise PlanError(f"{what} reads {name[t]!r} before it exists", step)
         raise PlanError(f"{what} reads {name[t]!r}, which is not resident", step)
 
-    for step, ins in enumerate(instructions):
-        if ins.kind not in INSTRUCTION_KINDS:
-            raise PlanError(f"unknown instruction {ins.kind!r}", step)
-        if ins.kind == "compute":
-            if not 0 <= ins.ref < len(graph.ops):
-                raise PlanError(f"compute names op {ins.ref}, which does not exist", step)
-            op = graph.ops[ins.ref]
-            what = f"op {op.name!r}"
-            for t in op.inputs:
-                need(t, step, what)
-            if len(ins.offsets) != len(op.outputs):
-                raise PlanError(f"{what} has {len(op.outputs)} outputs but {len(ins.offsets)} offsets", step)
-            for t, off in zip(op.outputs, ins.offsets):
+    def run() -> None:
+        for step, ins in enumerate(instructions):
+            if ins.kind not in INSTRUCTION_KINDS:
+                raise PlanError(f"unknown instruction {ins.kind!r}", step)
+            if ins.kind == "compute":
+                if not 0 <= ins.ref < len(graph.ops):
+                    raise PlanError(f"compute names op {ins.ref}, which does not exist", step)
+                op = graph.ops[ins.ref]
+                what = f"op {op.name!r}"
+                for t in op.inputs:
+                    need(t, step, what)
+                if len(ins.offsets) != len(op.outputs):
+                    raise PlanError(f"{what} has {len(op.outputs)} outputs but {len(ins.offsets)} offsets", step)
+                for t, off in zip(op.outputs, ins.offsets):
+                    if not counted[t]:
+                        if off != -1:
+                            raise PlanError(f"{what} output {name[t]!r} owns no buffer; its offset must be -1", step)
+                        continue
+                    if t in resident:
+                        raise PlanError(f"{what} writes {name[t]!r}, which is already resident", step)
+                    taken = [i for i in op.inplace_inputs
+                             if i in resident and resident[i][0] == off and 0 < size[t] <= size[i]]
+                    if taken:  # in-place reuse: the output takes the input's buffer over
+                        release(taken[0], step)
+                    allocate(t, off, step)
+                    exists.add(t)
+                runs[op.id] += 1
+                m["compute_flops"] += op.flops
+                if runs[op.id] > 1:
+                    m["recompute_flops"] += op.flops
+            else:
+                t = ins.ref
+                if not 0 <= t < len(graph.tensors):
+                    raise PlanError(f"{ins.kind} names tensor {t}, which does not exist", step)
                 if not counted[t]:
-                    if off != -1:
-                        raise PlanError(f"{what} output {name[t]!r} owns no buffer; its offset must be -1", step)
-                    continue
-                if t in resident:
-                    raise PlanError(f"{what} writes {name[t]!r}, which is already resident", step)
-                taken = [i for i in op.inplace_inputs
-                         if i in resident and resident[i][0] == off and size[t] <= size[i]]
-                if taken:  # in-place reuse: the output takes the input's buffer over
-                    release(taken[0], step)
-                allocate(t, off, step)
-                exists.add(t)
-            runs[op.id] += 1
-            m["compute_flops"] += op.flops
-            if runs[op.id] > 1:
-                m["recompute_flops"] += op.flops
-        else:
-            t = ins.ref
-            if not 0 <= t < len(graph.tensors):
-                raise PlanError(f"{ins.kind} names tensor {t}, which does not exist", step)
-            if not counted[t]:
-                raise PlanError(f"{ins.kind} of {name[t]!r}, which owns no scratchpad buffer", step)
-            if ins.kind == "load":
-                if t in resident:
-                    raise PlanError(f"load of {name[t]!r}, which is already resident", step)
-                if t not in offchip:
-                    raise PlanError(f"load of {name[t]!r}, which has no off-chip copy", step)
-                if len(ins.offsets) != 1:
-                    raise PlanError(f"load of {name[t]!r} needs exactly one offset", step)
-                allocate(t, ins.offsets[0], step)
-                m["load_bytes"] += graph.tensors[t].nbytes
-                first = t not in loaded_once and graph.tensors[t].kind in ("input", "weight")
-                m["compulsory_bytes" if first else "noncompulsory_bytes"] += graph.tensors[t].nbytes
-                loaded_once.add(t)
-            elif ins.kind == "store":
-                if t not in resident:
-                    raise PlanError(f"store of {name[t]!r}, which is not resident", step)
-                m["store_bytes"] += graph.tensors[t].nbytes
-                first = t not in stored_once and graph.tensors[t].kind == "output"
-                m["compulsory_bytes" if first else "noncompulsory_bytes"] += graph.tensors[t].nbytes
-                stored_once.add(t)
-                offchip.add(t)
-            else:  # free
-                if t not in resident:
-                    raise PlanError(f"free of {name[t]!r}, which is not resident", step)
-                release(t, step)
-        m["peak_bytes"] = max(m["peak_bytes"], in_use)
+                    raise PlanError(f"{ins.kind} of {name[t]!r}, which owns no scratchpad buffer", step)
+                if ins.kind == "load":
+                    if t in resident:
+                        raise PlanError(f"load of {name[t]!r}, which is already resident", step)
+                    if t not in offchip:
+                        raise PlanError(f"load of {name[t]!r}, which has no off-chip copy", step)
+                    if len(ins.offsets) != 1:
+                        raise PlanError(f"load of {name[t]!r} needs exactly one offset", step)
+                    allocate(t, ins.offsets[0], step)
+                    m["load_bytes"] += graph.tensors[t].nbytes
+                    first = t not in loaded_once and graph.tensors[t].kind in ("input", "weight")
+                    m["compulsory_bytes" if first else "noncompulsory_bytes"] += graph.tensors[t].nbytes
+                    loaded_once.add(t)
+                elif ins.kind == "store":
+                    if t not in resident:
+                        raise PlanError(f"store of {name[t]!r}, which is not resident", step)
+                    m["store_bytes"] += graph.tensors[t].nbytes
+                    first = t not in stored_once and graph.tensors[t].kind == "output"
+                    m["compulsory_bytes" if first else "noncompulsory_bytes"] += graph.tensors[t].nbytes
+                    stored_once.add(t)
+                    offchip.add(t)
+                else:  # free
+                    if t not in resident:
+                        raise PlanError(f"free of {name[t]!r}, which is not resident", step)
+                    release(t, step)
+            m["peak_bytes"] = max(m["peak_bytes"], in_use)
 
-    end = len(instructions)
-    for op in graph.ops:
-        if runs[op.id] == 0:
-            raise PlanError(f"op {op.name!r} is never computed", end)
-    for t in graph.tensors_of("output"):
-        if graph.root(t.id) not in offchip:
-            raise PlanError(f"output {t.name!r} is never stored off-chip", end)
-    for t in list(resident):
-        release(t, end)
+        end = len(instructions)
+        for op in graph.ops:
+            if runs[op.id] == 0:
+                raise PlanError(f"op {op.name!r} is never computed", end)
+        for t in graph.tensors_of("output"):
+            if graph.root(t.id) not in offchip:
+                raise PlanError(f"output {t.name!r} is never stored off-chip", end)
+        for t in list(resident):
+            release(t, end)
 
-    bad = placement_violation(
-        (Placement(name[b.tensor], b.start, b.end, b.offset, b.size) for b in buffers), target.capacity, align)
-    if bad:
-        raise PlanError(bad, _overlap_step(bad))
+    def overlap() -> PlanError | None:
+        bad = placement_violation(
+            (Placement(name[b.tensor], b.start, b.end, b.offset, b.size) for b in buffers), target.capacity, align)
+        return PlanError(bad.rsplit(" at step ", 1)[0], _overlap_step(bad)) if bad else None
+
+    try:
+        run()
+    except PlanError as e:
+        # an overlap at an earlier step is the first violation, whatever broke later
+        for t, (off, start) in list(resident.items()):
+            buffers.append(Buffer(t, off, size[t], start, e.step if e.step is not None else len(instructions)))
+        early = overlap()
+        if early is not None and early.step is not None and (e.step is None or early.step < e.step):
+            raise early from None
+        raise
+    err = overlap()
+    if err:
+        raise err
     m["arena_bytes"] = max((b.offset + b.size for b in buffers), default=0)
-    m["steps"] = end
+    m["steps"] = len(instructions)
     m["est_seconds"] = (m["compute_flops"] / target.compute_rate
                         + (m["load_bytes"] + m["store_bytes"]) / target.offchip_bandwidth)
     buffers.sort(key=lambda b: (b.start, b.offset))
