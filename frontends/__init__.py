@@ -1,0 +1,86 @@
+"""Frontends: ONNX files and torch modules lowered to planner.graph.LifetimeGraph.
+
+`load_model` is the one entry point the CLI and the driver use:
+  - a path ending in .onnx            -> frontends.onnx.lower_onnx
+  - "zoo:NAME[:k=v,...]"              -> models.build, then fx (or, via="onnx",
+                                         models.export_onnx to a temp file, then ONNX)
+  - an nn.Module with example_inputs  -> frontends.fx.lower_module
+torch and onnx are imported only when a frontend that needs them runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from frontends.common import FrontendError, Lowered
+
+__all__ = ["FrontendError", "Lowered", "load_model"]
+
+
+def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               elem_size: int | None = None, via: str = "fx", example_inputs=None,
+               name: str | None = None) -> Lowered:
+    """Lower an ONNX path, a "zoo:" model spec or an nn.Module (with example_inputs)."""
+    if via not in ("fx", "onnx"):
+        raise FrontendError(f"via must be 'fx' or 'onnx', not {via!r}")
+    if isinstance(source, str) and source.startswith("zoo:"):
+        return _load_zoo(source, input_shapes, elem_size, via, name)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not path.lower().endswith(".onnx"):
+            hint = " (or a zoo:NAME model spec)" if isinstance(source, str) else ""
+            raise FrontendError(f"{path}: unknown model format; expected a .onnx file{hint}")
+        from frontends.onnx import lower_onnx
+
+        return lower_onnx(path, input_shapes=input_shapes, elem_size=elem_size, name=name)
+    if _is_module(source):
+        if example_inputs is None:
+            raise FrontendError(f"{type(source).__name__}: an nn.Module needs example_inputs")
+        _no_input_shapes(input_shapes, type(source).__name__)
+        from frontends.fx import lower_module
+
+        return lower_module(source, tuple(example_inputs), name=name, elem_size=elem_size)
+    raise FrontendError(f"cannot load a model from a {type(source).__name__}; "
+                        "pass a .onnx path, a zoo:NAME spec or an nn.Module")
+
+
+def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: str | None) -> Lowered:
+    import models
+
+    try:
+        model_name, params = models.parse_spec(spec)
+    except models.ModelSpecError as e:
+        raise FrontendError(str(e)) from e
+    _no_input_shapes(input_shapes, spec)
+    if via == "onnx":
+        from frontends.onnx import lower_onnx
+
+        with tempfile.TemporaryDirectory(prefix="memplan-") as tmp:
+            path = os.path.join(tmp, f"{model_name}.onnx")
+            try:
+                models.export_onnx(model_name, path, weights=False, **params)
+            except models.ModelSpecError as e:
+                raise FrontendError(str(e)) from e
+            return lower_onnx(path, elem_size=elem_size, name=name or spec)
+    from frontends.fx import lower_module
+
+    try:
+        module, inputs = models.build(model_name, **params)
+    except models.ModelSpecError as e:
+        raise FrontendError(str(e)) from e
+    return lower_module(module, inputs, name=name or spec, elem_size=elem_size)
+
+
+def _is_module(obj: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # a module can only exist if torch was imported
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _no_input_shapes(input_shapes, what: str) -> None:
+    if input_shapes:
+        raise FrontendError(f"{what}: input shapes apply to ONNX files; a torch model takes its shapes "
+                            "from its example inputs (or zoo parameters such as batch=, res=, seq=)")

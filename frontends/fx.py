@@ -1,0 +1,269 @@
+"""torch modules -> LifetimeGraph, through torch.export and the core ATen decompositions.
+
+`torch.export.export(module, inputs).run_decompositions()` gives a functional
+graph of core ATen ops with a fake tensor (shape, dtype) on every node. Each
+call_function node becomes one op; `getitem` nodes fold into the outputs of the
+multi-output op they index. Parameters, buffers and constants become weights,
+user inputs become inputs. A result is a view when the op's schema says it
+aliases an argument (`Tensor(a)` returns that are not writes), plus
+`aten._unsafe_view`, which shares storage although its schema does not say so.
+FLOPs come from torch.utils.flop_counter's formulas (matmuls, convolutions,
+attention); every other op counts its output elements, views count zero.
+
+attrs of every op, enough to replay it through ATen:
+  {"target": "aten.convolution.default", "args": [...], "kwargs": {...},
+   "results": [tuple position of each op output] or null for a single tensor}
+with tensors encoded as {"t": tensor id}, dtypes as {"dtype": "float32"},
+devices / layouts / memory formats as {"device": "cpu"} / {"layout": ...} /
+{"memory_format": ...}, non-finite floats as {"float": "inf"}.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from frontends.common import FrontendError, GraphBuilder, Lowered, json_float
+
+# storage-sharing ops whose schema carries no alias annotation
+_UNANNOTATED_VIEWS = frozenset({"aten._unsafe_view.default"})
+
+
+def lower_module(module, example_inputs: Sequence[Any], *, name: str | None = None,
+                 elem_size: int | None = None) -> Lowered:
+    """Lower an nn.Module called on `example_inputs` (positional) to a Lowered graph."""
+    import torch
+
+    gname = name or type(module).__name__
+    try:
+        ep = torch.export.export(module, tuple(example_inputs)).run_decompositions()
+    except Exception as e:  # export errors are long; the first line names the problem
+        raise FrontendError(f"{gname}: torch.export failed: {_first_line(e)}") from e
+    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs=set())
+
+
+def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = None,
+                       elem_size: int | None = None) -> Lowered:
+    """Lower an fx.GraphModule (e.g. from Dynamo) run on `example_inputs`.
+
+    Dynamo passes parameters and buffers as graph inputs; an example input that
+    is an nn.Parameter or that Dynamo marked static (`_dynamo_static_input_type`,
+    set on module parameters and buffers) becomes a tensor of kind "weight",
+    still listed in `inputs` in call order since the caller feeds it.
+    """
+    import torch
+
+    gname = name or type(gm).__name__
+    weight_inputs = {i for i, x in enumerate(example_inputs)
+                     if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
+    try:
+        ep = torch.export.export(gm, tuple(example_inputs)).run_decompositions()
+    except Exception as e:
+        raise FrontendError(f"{gname}: torch.export failed: {_first_line(e)}") from e
+    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor_vals(val) -> list[tuple[int | None, Any]]:
+    """(position in the returned tuple or None for a lone tensor, fake tensor) of each tensor result."""
+    import torch
+
+    if isinstance(val, torch.Tensor):
+        return [(None, val)]
+    if isinstance(val, (tuple, list)):
+        return [(i, v) for i, v in enumerate(val) if isinstance(v, torch.Tensor)]
+    return []
+
+
+class _Lowering:
+    """One pass over an exported program's graph, filling a GraphBuilder."""
+
+    def __init__(self, ep, name: str, elem_size: int | None, weight_inputs: set[int]) -> None:
+        self.ep = ep
+        self.gb = GraphBuilder(name, elem_size)
+        self.weight_inputs = weight_inputs
+        self.ids: dict[Any, int] = {}  # fx node, or (node, tuple position), -> tensor id
+        self.weights: dict[str, Any] = {}
+        self.inputs: list[int] = []
+        self.extra_outputs: list[int] = []  # buffer mutations: written back, not returned
+
+    def add_placeholders(self, example_inputs: Sequence[Any]) -> None:
+        from torch.export.graph_signature import InputKind
+
+        specs = {s.arg.name: s for s in self.ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+        nodes = {n.name: n for n in self.ep.graph.nodes if n.op == "placeholder"}
+        user_index = 0
+        for pname, node in nodes.items():
+            s = specs[pname]
+            val = node.meta.get("val")
+            if s.kind == InputKind.USER_INPUT:
+                if not hasattr(val, "shape"):
+                    raise FrontendError(f"{self.gb.name}: input {pname!r} is not a tensor ({type(val).__name__})")
+                kind = "weight" if user_index in self.weight_inputs else "input"
+                tid = self.gb.tensor(pname, val.shape, _dtype_name(val.dtype), kind)
+                if kind == "weight":
+                    self.weights[self.gb.tensor_name(tid)] = example_inputs[user_index]
+                self.ids[node] = tid
+                self.inputs.append(tid)
+                user_index += 1
+            elif s.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                if not node.users:  # never read (e.g. BatchNorm's num_batches_tracked): not part of the plan
+                    continue
+                value = self.ep.state_dict[s.target] if s.target in self.ep.state_dict else self.ep.constants[s.target]
+                tid = self.gb.tensor(s.target, value.shape, _dtype_name(value.dtype), "weight")
+                self.ids[node] = tid
+                self.weights[self.gb.tensor_name(tid)] = value
+            elif node.users:
+                raise FrontendError(f"{self.gb.name}: input {pname!r} of kind {s.kind.name} is not supported")
+
+    def add_call(self, node) -> None:
+        import torch
+
+        target = node.target
+        if target is operator.getitem:
+            return  # folded: its tensor was created with the producer
+        if not isinstance(target, torch._ops.OpOverload):
+            raise FrontendError(f"{self.gb.name}: node {node.name!r} calls {target!r}, which is not an ATen op")
+        schema = target._schema
+        op_name = str(target)
+        results = _tensor_vals(node.meta.get("val"))
+        if not results:
+            if node.meta.get("val") is None and not node.users:
+                return  # a run-time assertion (aten._assert_tensor_metadata, ...): no data, nothing to plan
+            raise FrontendError(f"{self.gb.name}: node {node.name!r} ({op_name}) returns no tensor")
+        getitem_names = {u.args[1]: u.name for u in node.users if u.target is operator.getitem}
+        in_ids = [self.ids[a] for a in node.all_input_nodes if a in self.ids]
+        outs = []
+        for pos, val in results:
+            alias = self._aliased_input(node, schema, op_name, 0 if pos is None else pos)
+            tname = node.name if pos is None else getitem_names.get(pos, f"{node.name}_{pos}")
+            tid = self.gb.tensor(tname, val.shape, _dtype_name(val.dtype), "activation", alias)
+            self.ids[node if pos is None else (node, pos)] = tid
+            outs.append(tid)
+        for user in node.users:
+            if user.target is operator.getitem:
+                self.ids[user] = self.ids[(node, user.args[1])]
+        is_view = all(self.gb.kind(t) == "activation" and self.gb.root(t) != t for t in outs)
+        attrs = {
+            "target": op_name,
+            "args": _encode(node.args, self.ids),
+            "kwargs": _encode(dict(node.kwargs), self.ids),
+            "results": None if results[0][0] is None else [pos for pos, _ in results],
+        }
+        self.gb.op(node.name, op_name, in_ids, outs,
+                   flops=0.0 if is_view else _flops(node, target, results),
+                   elementwise=torch.Tag.pointwise in target.tags,
+                   recomputable=torch.Tag.nondeterministic_seeded not in target.tags,
+                   attrs=attrs)
+
+    def _aliased_input(self, node, schema, op_name: str, pos: int) -> int | None:
+        """Tensor id of the argument result `pos` is a view of, or None when it owns storage."""
+        if op_name in _UNANNOTATED_VIEWS:
+            return self.ids[node.args[0]]
+        if pos >= len(schema.returns):  # a single list return (split): every element shares its alias set
+            pos = 0
+        info = schema.returns[pos].alias_info
+        if info is None:
+            return None
+        if info.is_write:
+            raise FrontendError(f"{self.gb.name}: node {node.name!r} ({op_name}) mutates its input; "
+                                "only functional graphs can be planned")
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.before_set & info.before_set:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if value in self.ids:
+                    return self.ids[value]
+        return None
+
+    def add_outputs(self) -> tuple[int, ...]:
+        from torch.export.graph_signature import OutputKind
+
+        out_node = next(n for n in self.ep.graph.nodes if n.op == "output")
+        values = out_node.args[0]
+        user: list[int] = []
+        for spec, value in zip(self.ep.graph_signature.output_specs, values):
+            if value not in self.ids:
+                raise FrontendError(f"{self.gb.name}: output {spec.arg} is not a tensor")
+            if spec.kind == OutputKind.USER_OUTPUT:
+                user.append(self.ids[value])
+            else:  # a buffer mutation (BatchNorm in training mode): its new value must be written back too
+                self.extra_outputs.append(self.ids[value])
+        return tuple(user)
+
+
+def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
+                    weight_inputs: set[int]) -> Lowered:
+    lw = _Lowering(ep, name, elem_size, weight_inputs)
+    lw.add_placeholders(example_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            lw.add_call(node)
+        elif node.op == "get_attr":
+            raise FrontendError(f"{name}: node {node.name!r} reads attribute {node.target!r}; "
+                                "expected lifted parameters")
+    user_outputs = lw.add_outputs()
+
+    def copy_op(src: int, dst: int) -> tuple[str, dict[str, Any]]:
+        return "aten.clone.default", {"target": "aten.clone.default", "args": [{"t": src}], "kwargs": {},
+                                      "results": None}
+
+    graph, outputs = lw.gb.finish([*user_outputs, *lw.extra_outputs], copy_op)
+    return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx")
+
+
+def _encode(value, ids: dict[Any, int]):
+    """An fx argument as JSON (see the module docstring)."""
+    import torch
+    import torch.fx
+
+    if isinstance(value, torch.fx.Node):
+        if value not in ids:
+            raise FrontendError(f"argument {value.name!r} has no tensor")
+        return {"t": ids[value]}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, ids) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v, ids) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return json_float(value)
+    if isinstance(value, torch.dtype):
+        return {"dtype": _dtype_name(value)}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value)}
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise FrontendError(f"symbolic value {value} in a graph argument; export with static shapes")
+    raise FrontendError(f"graph argument of type {type(value).__name__} cannot be encoded")
+
+
+def _flops(node, target, results) -> float:
+    """torch.utils.flop_counter's formula where one exists, else the output's element count."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(target.overloadpacket)
+    if formula is not None:
+        def val(v):
+            return v.meta.get("val") if isinstance(v, torch.fx.Node) else v
+        args = torch.utils._pytree.tree_map(val, node.args)
+        kwargs = torch.utils._pytree.tree_map(val, dict(node.kwargs))
+        try:
+            return float(formula(*args, out_val=node.meta.get("val"), **kwargs))
+        except Exception:  # a formula that rejects these arguments: fall back to the element count
+            pass
+    return float(math.prod(results[0][1].shape))

@@ -1,0 +1,432 @@
+"""Frontends: torch modules (fx) and ONNX files lowered to the same LifetimeGraph IR.
+
+Models are tiny and defined here; every ONNX file is exported into tmp_path with
+the TorchScript exporter (opset 17), the way real-world files are made.
+"""
+
+import collections
+import json
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from frontends import FrontendError, load_model
+from frontends.fx import lower_graph_module, lower_module
+from frontends.onnx import lower_onnx, onnx_weights
+from planner.graph import LifetimeGraph
+
+
+class SmallResNet(nn.Module):
+    """Stem conv-BN-ReLU-maxpool, one basic block with a residual add, global pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn0(self.stem(x))))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _heads(t, b, s, h):  # (b, s, d) -> (b, h, s, d/h), shapes read at run time like HF models do
+    return t.view(b, s, h, t.shape[-1] // h).transpose(1, 2)
+
+
+class TinyBert(nn.Module):
+    """BERT-style encoder: word + position embeddings, post-norm layers with q/k/v linears,
+    erf GELU, and an additive padding mask built from a second input."""
+
+    def __init__(self, vocab=50, d=32, heads=4, layers=2, ff=128, max_pos=64):
+        super().__init__()
+        self.heads = heads
+        self.word, self.pos, self.ln = nn.Embedding(vocab, d), nn.Embedding(max_pos, d), nn.LayerNorm(d)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            q=nn.Linear(d, d), k=nn.Linear(d, d), v=nn.Linear(d, d), o=nn.Linear(d, d), ln1=nn.LayerNorm(d),
+            ff1=nn.Linear(d, ff), ff2=nn.Linear(ff, d), ln2=nn.LayerNorm(d))) for _ in range(layers))
+        self.act = nn.GELU()
+
+    def forward(self, ids, mask):
+        b, s = ids.shape
+        x = self.ln(self.word(ids) + self.pos(torch.arange(s)))
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for L in self.layers:
+            q, k, v = (_heads(L[n](x), b, s, self.heads) for n in "qkv")
+            p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1)
+            ctx = (p @ v).transpose(1, 2).reshape(b, s, -1)
+            x = L["ln1"](x + L["o"](ctx))
+            x = L["ln2"](x + L["ff2"](self.act(L["ff1"](x))))
+        return x
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: addmm over the flattened tokens, weight stored (in, out)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(d_in, d_out) * 0.02), nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class TinyGPT2(nn.Module):
+    """GPT-2-style decoder: pre-norm blocks, fused QKV split in three, causal mask sliced from
+    a registered buffer, tanh GELU, tied LM head."""
+
+    def __init__(self, vocab=50, d=32, heads=4, layers=2, n_ctx=32):
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(n_ctx, d)
+        self.register_buffer("causal", torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool)))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(d), attn=Conv1D(d, 3 * d), proj=Conv1D(d, d), ln2=nn.LayerNorm(d),
+            fc=Conv1D(d, 4 * d), out=Conv1D(4 * d, d))) for _ in range(layers))
+        self.ln_f, self.act = nn.LayerNorm(d), nn.GELU(approximate="tanh")
+
+    def forward(self, ids):
+        b, s = ids.shape
+        x = self.wte(ids) + self.wpe(torch.arange(s))
+        keep = self.causal[:s, :s]
+        for B in self.blocks:
+            q, k, v = (_heads(t, b, s, self.heads) for t in B["attn"](B["ln1"](x)).split(x.shape[-1], dim=-1))
+            w = torch.where(keep, q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), torch.finfo(x.dtype).min)
+            x = x + B["proj"]((torch.softmax(w, dim=-1) @ v).transpose(1, 2).reshape(b, s, -1))
+            x = x + B["out"](self.act(B["fc"](B["ln2"](x))))
+        return self.ln_f(x) @ self.wte.weight.t()
+
+
+def activation_bytes(g: LifetimeGraph) -> int:
+    """Bytes of every tensor computed by the graph that owns storage."""
+    return sum(t.nbytes for t in g.tensors if t.alias_of is None and t.kind in ("activation", "output"))
+
+
+def ops_of(g: LifetimeGraph, op_type: str):
+    return [o for o in g.ops if o.op_type == op_type]
+
+
+def export(module, inputs, path, dynamic=None) -> str:
+    names = [f"input{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=17, input_names=names,
+                          dynamic_axes=dynamic)
+    return str(path)
+
+
+def assert_static_and_serialisable(g: LifetimeGraph, elem_size=None) -> None:
+    item = {"float32": 4, "int64": 8, "bool": 1, "float64": 8, "int32": 4}
+    for t in g.tensors:
+        assert all(isinstance(d, int) and d >= 0 for d in t.shape), t
+        assert t.nbytes == math.prod(t.shape) * (elem_size or item[t.dtype]), t
+    blob = json.dumps(g.to_dict(), allow_nan=False)  # attrs must be strict JSON
+    assert LifetimeGraph.from_dict(json.loads(blob)).fingerprint == g.fingerprint
+
+
+# ---- the CNN through both frontends -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return SmallResNet().eval(), (torch.randn(2, 3, 16, 16),)
+
+
+@pytest.fixture(scope="module")
+def resnet_fx(resnet):
+    return lower_module(*resnet)
+
+
+@pytest.fixture(scope="module")
+def resnet_onnx_path(resnet, tmp_path_factory):
+    return export(*resnet, tmp_path_factory.mktemp("cnn") / "resnet.onnx")
+
+
+def test_cnn_fx_lowering(resnet, resnet_fx):
+    g, module = resnet_fx.graph, resnet[0]
+    assert resnet_fx.source == "fx"
+    counts = collections.Counter(o.op_type for o in g.ops)
+    assert counts["aten.convolution.default"] == 3 and counts["aten.relu.default"] == 3
+    assert counts["aten.add.Tensor"] == 1 and counts["aten.addmm.default"] == 1
+    # parameters and used buffers are weights, by their module names; num_batches_tracked is never read
+    assert set(resnet_fx.weights) == {k for k in module.state_dict() if "num_batches" not in k}
+    for t in g.tensors:
+        if t.name in resnet_fx.weights:
+            assert t.kind == "weight" and resnet_fx.weights[t.name].shape == t.shape
+    (x,) = resnet_fx.inputs
+    assert g.tensors[x].kind == "input" and g.tensors[x].shape == (2, 3, 16, 16)
+    (y,) = resnet_fx.outputs
+    assert g.tensors[y].kind == "output" and g.tensors[y].shape == (2, 10) and g.tensors[y].alias_of is None
+    # flatten and the transposed fc weight are views; the view of a weight is rooted at the weight
+    views = {g.ops[g.producer[t.id]].op_type: t for t in g.tensors if t.alias_of is not None}
+    assert set(views) == {"aten.view.default", "aten.permute.default"}
+    assert g.tensors[views["aten.permute.default"].alias_of].name == "fc.weight"
+    assert g.ops[g.producer[views["aten.view.default"].alias_of]].op_type == "aten.mean.dim"
+    # in-place candidates: every relu over its input, the add over both summands; conv never
+    for op in ops_of(g, "aten.relu.default"):
+        assert op.inplace_inputs == op.inputs
+    (add,) = ops_of(g, "aten.add.Tensor")
+    assert set(add.inplace_inputs) == set(add.inputs) and len(add.inputs) == 2
+    assert all(not o.inplace_inputs for o in ops_of(g, "aten.convolution.default"))
+    # FLOPs: conv = 2 * output elements * (Cin * kh * kw); element-wise = output elements
+    stem = ops_of(g, "aten.convolution.default")[0]
+    assert stem.flops == 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
+    assert ops_of(g, "aten.relu.default")[0].flops == 2 * 8 * 16 * 16
+    assert ops_of(g, "aten.addmm.default")[0].flops == 2 * 2 * 10 * 8
+    # attrs carry what a replay needs
+    assert stem.attrs == {"target": "aten.convolution.default",
+                          "args": [{"t": x}, {"t": stem.inputs[1]}, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1],
+                          "kwargs": {}, "results": None}
+    (bn, *_) = ops_of(g, "aten._native_batch_norm_legit_no_training.default")
+    assert bn.attrs["results"] == [0, 1, 2] and len(bn.outputs) == 3
+    assert_static_and_serialisable(g)
+
+
+def test_cnn_onnx_matches_fx(resnet_onnx_path, resnet_fx):
+    model = onnx.load(resnet_onnx_path)
+    identities = [n for n in model.graph.node if n.op_type == "Identity"]
+    assert len(identities) == 2  # the exporter's copies of the (identical, zero) folded conv biases
+    lo = lower_onnx(resnet_onnx_path)
+    g, fx = lo.graph, resnet_fx.graph
+    assert lo.source == "onnx" and not lo.weights  # not asked to load them
+    assert not ops_of(g, "Identity")
+    copied = {n.input[0] for n in identities}
+    biases = [g.tensors[conv.inputs[2]] for conv in ops_of(g, "Conv")]
+    assert all(b.kind == "weight" for b in biases)
+    assert [b.name for b in biases] == [copied.pop()] * 3  # the copies were folded into the weight they copy
+    assert {t.name for t in g.tensors if t.kind == "weight"} <= {t.name for t in model.graph.initializer}
+    # same structure where the exporters agree (BatchNorm is folded into Conv by the ONNX exporter)
+    for onnx_type, fx_type in [("Conv", "aten.convolution.default"), ("Relu", "aten.relu.default"),
+                               ("Add", "aten.add.Tensor"), ("MaxPool", "aten.max_pool2d_with_indices.default"),
+                               ("Gemm", "aten.addmm.default")]:
+        assert len(ops_of(g, onnx_type)) == len(ops_of(fx, fx_type)), onnx_type
+    assert [o.flops for o in ops_of(g, "Conv")] == [o.flops for o in ops_of(fx, "aten.convolution.default")]
+    assert [g.tensors[o.outputs[0]].shape for o in ops_of(g, "Relu")] == \
+        [fx.tensors[o.outputs[0]].shape for o in ops_of(fx, "aten.relu.default")]
+    assert g.tensors[lo.inputs[0]].shape == (2, 3, 16, 16) and g.tensors[lo.outputs[0]].shape == (2, 10)
+    # activation bytes agree exactly once fx's extra tensors are taken out: the BatchNorm outputs
+    # (their save_mean / save_invstd are empty) and max-pool's int64 indices, which ONNX never makes
+    bn_bytes = sum(fx.tensors[t].nbytes for o in ops_of(fx, "aten._native_batch_norm_legit_no_training.default")
+                   for t in o.outputs)
+    (mp,) = ops_of(fx, "aten.max_pool2d_with_indices.default")
+    assert activation_bytes(g) == activation_bytes(fx) - bn_bytes - fx.tensors[mp.outputs[1]].nbytes
+    # views and in-place candidates
+    (flat,) = ops_of(g, "Flatten")
+    assert g.tensors[flat.outputs[0]].alias_of == flat.inputs[0] and flat.flops == 0
+    for op in ops_of(g, "Relu"):
+        assert op.inplace_inputs == op.inputs
+    (add,) = ops_of(g, "Add")
+    assert set(add.inplace_inputs) == set(add.inputs)
+    assert ops_of(g, "MaxPool")[0].attrs == {
+        "onnx_op": "MaxPool", "attributes": {"ceil_mode": 0, "dilations": [1, 1], "kernel_shape": [2, 2],
+                                             "pads": [0, 0, 0, 0], "strides": [2, 2]},
+        "const_inputs": {}, "input_positions": [0], "output_positions": [0]}
+    assert_static_and_serialisable(g)
+
+
+def test_onnx_weights_optional(resnet_onnx_path, tmp_path):
+    with_data = lower_onnx(resnet_onnx_path, load_weights=True)
+    arrays = onnx_weights(resnet_onnx_path)
+    assert set(with_data.weights) == {t.name for t in with_data.graph.tensors if t.kind == "weight"}
+    for name, value in with_data.weights.items():
+        assert np.array_equal(value, arrays[name])
+    # the same model with its weight data deleted still plans, to the same graph
+    model = onnx.load(resnet_onnx_path)
+    bare = str(tmp_path / "bare.onnx")
+    onnx.save_model(model, bare, save_as_external_data=True, all_tensors_to_one_file=True, location="w.data",
+                    size_threshold=0)
+    os.remove(tmp_path / "w.data")
+    without = lower_onnx(bare)
+    assert without.graph.fingerprint == with_data.graph.fingerprint and not without.weights
+    with pytest.raises(FrontendError, match="bare.onnx: weight data is missing"):
+        lower_onnx(bare, load_weights=True)
+
+
+def test_elem_size_and_stable_fingerprints(resnet, resnet_fx, resnet_onnx_path):
+    again = lower_module(*resnet)
+    assert again.graph.fingerprint == resnet_fx.graph.fingerprint
+    assert lower_onnx(resnet_onnx_path).graph.fingerprint == lower_onnx(resnet_onnx_path).graph.fingerprint
+    int8 = lower_onnx(resnet_onnx_path, elem_size=1).graph
+    assert all(t.nbytes == math.prod(t.shape) for t in int8.tensors)
+    assert_static_and_serialisable(int8, elem_size=1)
+
+
+# ---- transformers: symbolic shapes, constant folding, fusions ---------------------------------
+
+def _transformer_case(kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        ids = torch.randint(0, 50, (2, 16))
+        return TinyBert().eval(), (ids, torch.ones(2, 16, dtype=torch.int64)), {0: "batch", 1: "seq"}
+    return TinyGPT2().eval(), (torch.randint(0, 50, (2, 16)),), {0: "batch", 1: "seq"}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
+    module, inputs, dyn = _transformer_case(kind)
+    path = export(module, inputs, tmp_path / f"{kind}.onnx", {f"input{i}": dyn for i in range(len(inputs))})
+    # ONNX's own inference leaves many values without a static shape once batch and seq are symbolic
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path)).graph.value_info
+    unknown = [v for v in inferred if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
+    assert len(unknown) >= 20
+    with pytest.raises(FrontendError, match=r"input 'input0' has symbolic shape \[batch,seq\]; pass --input-shape"):
+        lower_onnx(path)
+    shapes = {f"input{i}": tuple(x.shape) for i, x in enumerate(inputs)}
+    lo = lower_onnx(path, input_shapes=shapes)
+    g = lo.graph
+    assert_static_and_serialisable(g)
+    assert [g.tensors[i].shape for i in lo.inputs] == [tuple(x.shape) for x in inputs]
+    with torch.no_grad():
+        expected = module(*inputs)
+    assert g.tensors[lo.outputs[0]].shape == tuple(expected.shape)
+    # shape arithmetic is gone: folded into constants the remaining ops carry
+    assert not {o.op_type for o in g.ops} & {"Shape", "Concat", "Constant", "Range", "ConstantOfShape"}
+    assert any(o.attrs["const_inputs"] for o in ops_of(g, "Reshape"))
+    assert all(g.tensors[o.outputs[0]].alias_of is not None for o in ops_of(g, "Reshape"))
+    # the exporter's decompositions are fused back: one GELU per layer, linear = MatMul + bias
+    gelu = ops_of(g, "Gelu")
+    assert len(gelu) == 2
+    assert {o.attrs["attributes"]["approximate"] for o in gelu} == {"none" if kind == "bert" else "tanh"}
+    for o in gelu:  # in place over its input unless that is a view (GPT-2: Gemm output reshaped to 3-D)
+        assert o.inplace_inputs == (() if g.tensors[o.inputs[0]].alias_of is not None else o.inputs)
+    fx = lower_module(module, inputs)
+    assert [fx.graph.tensors[i].shape for i in fx.inputs] == [g.tensors[i].shape for i in lo.inputs]
+    # Total activation bytes agree within 5%. What remains different: fx's LayerNorm also returns
+    # mean and rstd; fx computes the causal mask / position ids at run time where ONNX folded them
+    # to constants; ONNX Split copies q, k, v where ATen takes strided views (GPT-2).
+    act_fx, act_onnx = activation_bytes(fx.graph), activation_bytes(g)
+    assert abs(act_onnx - act_fx) <= 0.05 * act_fx, (act_fx, act_onnx)
+    unfused = lower_onnx(path, input_shapes=shapes, fuse=False).graph
+    assert not ops_of(unfused, "Gelu") and not ops_of(unfused, "MatMulAdd")
+    assert activation_bytes(unfused) > 1.3 * act_fx  # what planning the exported decomposition would cost
+
+
+# ---- a hand-made file: folding rules, views, output copies --------------------------------------
+
+def _shape_graph(path, symbolic=True):
+    """x[N,4,6] -> Shape -> Gather(0) -> Unsqueeze -> Concat([-1 ... ]) -> Reshape(x) -> Relu -> out,
+    plus an Identity copy of a weight added to the reshaped x and a graph output that is a view."""
+    batch = "N" if symbolic else 2
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 6])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "flat")]
+    w = numpy_helper.from_array(np.arange(24, dtype=np.float32), "w")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, dtype=np.int64))),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], dtype=np.int64))),
+        helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]),
+        helper.make_node("Constant", [], ["rest"], value=numpy_helper.from_array(np.array([24], dtype=np.int64))),
+        helper.make_node("Concat", ["n1", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+        helper.make_node("Identity", ["w"], ["w_copy"]),
+        helper.make_node("Add", ["flat", "w_copy"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "shapes", [x], outs, [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+def test_constant_folding_views_and_output_copies(tmp_path):
+    path = _shape_graph(tmp_path / "shapes.onnx")
+    lo = lower_onnx(path, input_shapes={"x": (3, 4, 6)})
+    g = lo.graph
+    assert [o.op_type for o in g.ops] == ["Reshape", "Identity", "Add", "Relu"]
+    reshape, copy, add, relu = g.ops
+    assert reshape.attrs["const_inputs"] == {"1": {"value": [3, 24], "dtype": "int64", "shape": [2]}}
+    assert reshape.attrs["input_positions"] == [0] and reshape.inputs == lo.inputs
+    flat = g.tensors[reshape.outputs[0]]
+    assert flat.shape == (3, 24) and flat.alias_of == lo.inputs[0]
+    # the output "flat" is a view of the input, so a copy right after its producer gives it storage
+    assert copy.inputs == (flat.id,) and g.tensors[copy.outputs[0]].kind == "output"
+    assert g.tensors[copy.outputs[0]].alias_of is None
+    assert lo.outputs == (relu.outputs[0], copy.outputs[0])
+    # Identity of an initializer is that initializer; Add reads the weight directly
+    w = g.tensors[add.inputs[1]]
+    assert (w.name, w.kind, w.shape) == ("w", "weight", (24,))
+    # in place: relu over the sum; add over the view? no (views are never taken over), nor the weight
+    assert relu.inplace_inputs == relu.inputs and add.inplace_inputs == ()
+    assert [t.nbytes for t in g.tensors if t.kind == "output"] == [3 * 24 * 4, 3 * 24 * 4]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FrontendError, match="missing.onnx: no such file"):
+        load_model(str(tmp_path / "missing.onnx"))
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    with pytest.raises(FrontendError, match="notes.onnx: not an ONNX model"):
+        load_model(str(text))
+    with pytest.raises(FrontendError, match=r"model.pt: unknown model format"):
+        load_model(str(tmp_path / "model.pt"))
+    path = _shape_graph(tmp_path / "shapes.onnx")
+    with pytest.raises(FrontendError, match=r"input 'x' has symbolic shape \[N,4,6\]; pass --input-shape x:1,4,6"):
+        load_model(path)
+    with pytest.raises(FrontendError, match="names y0, but the graph inputs are x"):
+        load_model(path, input_shapes={"y0": (1, 4, 6)})
+    with pytest.raises(FrontendError, match=r"input 'x' has shape \[\?,4,6\], which the given shape \[1, 5, 6\]"):
+        load_model(path, input_shapes={"x": (1, 5, 6)})
+    # a value whose shape depends on data: NonZero of a runtime tensor
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    graph = helper.make_graph([helper.make_node("NonZero", ["x"], ["nz"], name="find")], "g", [x],
+                              [helper.make_tensor_value_info("nz", TensorProto.INT64, None)])
+    dyn = str(tmp_path / "dyn.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), dyn)
+    with pytest.raises(FrontendError, match="node 'find' \\(NonZero\\): the shape of output 'nz' cannot be"):
+        load_model(dyn)
+
+
+def test_load_model_dispatch(resnet, resnet_fx, tmp_path):
+    module, inputs = resnet
+    via_module = load_model(module, example_inputs=inputs)
+    assert via_module.graph.fingerprint == resnet_fx.graph.fingerprint
+    with pytest.raises(FrontendError, match="needs example_inputs"):
+        load_model(module)
+    path = _shape_graph(tmp_path / "fixed.onnx", symbolic=False)
+    assert load_model(path, name="fixed").graph.name == "fixed"
+
+
+def test_outputs_that_alias_inputs_or_views_get_copies():
+    class Views(nn.Module):
+        def forward(self, x):
+            y = torch.relu(x)
+            return y.t(), x, y  # a view, the input itself, and a real activation
+
+    x = torch.randn(3, 5)
+    lo = lower_module(Views(), (x,))
+    g = lo.graph
+    kinds = [(g.tensors[t].kind, g.tensors[t].alias_of, g.tensors[t].shape) for t in lo.outputs]
+    assert kinds == [("output", None, (5, 3)), ("output", None, (3, 5)), ("output", None, (3, 5))]
+    clones = ops_of(g, "aten.clone.default")
+    assert [g.tensors[c.inputs[0]].kind for c in clones] == ["input", "activation"]
+    # the relu's output is a graph output, so it must not be listed as an in-place victim anywhere
+    assert all(lo.outputs[2] not in o.inplace_inputs for o in g.ops)
+
+
+def test_dynamo_graph_module():
+    torch.manual_seed(0)
+    module, x = SmallResNet().eval(), torch.randn(2, 3, 16, 16)
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured.update(gm=gm, inputs=list(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend)(x)
+    lo = lower_graph_module(captured["gm"], captured["inputs"])
+    g, ref = lo.graph, lower_module(module, (x,)).graph
+    # Dynamo passes parameters and buffers as inputs; they are weights, the image is the one input
+    assert [g.tensors[t].kind for t in lo.inputs].count("input") == 1
+    assert sum(t.kind == "weight" for t in g.tensors) == sum(t.kind == "weight" for t in ref.tensors)
+    assert len(lo.weights) == sum(t.kind == "weight" for t in g.tensors)
+    assert collections.Counter(o.op_type for o in g.ops) == collections.Counter(o.op_type for o in ref.ops)
+    assert activation_bytes(g) == activation_bytes(ref)
