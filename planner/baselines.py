@@ -22,12 +22,11 @@ Every returned plan has passed planner.check.
 
 from __future__ import annotations
 
-import heapq
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from planner.bounds import buffer_size, check_order, m_r
+from planner.bounds import InfeasibleError, buffer_size, check_order, m_r, require_capacity  # noqa: F401 (re-export)
 from planner.check import check
 from planner.graph import LifetimeGraph
 from planner.plan import Instr, Plan, SolverRecord
@@ -36,10 +35,6 @@ from planner.target import Target
 ORDERS = ("program", "bfs", "dfs", "lpmf")
 POLICIES = ("belady", "lru")
 ALLOCATORS = ("greedy_size", "best_fit", "first_fit")
-
-
-class InfeasibleError(ValueError):
-    """No plan exists (or this heuristic found none) at the requested capacity."""
 
 
 # ---------------------------------------------------------------- orders
@@ -272,10 +267,8 @@ def pipeline(graph: LifetimeGraph, target: Target, order: str | Sequence[int] = 
     t0 = time.perf_counter()
     seq = order_by_name(graph, order, target) if isinstance(order, str) else list(order)
     label = name or f"baseline:{order if isinstance(order, str) else 'given'}+{allocator}+{policy}"
+    require_capacity(graph, target.capacity, target.include_weights, target.alignment)
     least = m_r(graph, target.include_weights, target.alignment)
-    if target.capacity is not None and target.capacity < least:
-        raise InfeasibleError(f"capacity {target.capacity} is below M_R = {least} bytes, the largest "
-                              f"single-op working set; no plan fits (use --capacity {least} or more)")
     cap = target.capacity
     for attempt in range(64):
         prog, slots = residency(graph, seq, target, cap, policy)

@@ -13,10 +13,22 @@ Sizes are aligned to the target alignment, like the checker's.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from planner.graph import LifetimeGraph
 from planner.target import align_up
+
+
+class InfeasibleError(ValueError):
+    """No plan exists (or the planner found none) at the requested capacity."""
+
+
+def require_capacity(graph: LifetimeGraph, capacity: int | None, include_weights: bool, alignment: int) -> None:
+    """Raise InfeasibleError, naming the least feasible capacity, when capacity < M_R."""
+    least = m_r(graph, include_weights, alignment)
+    if capacity is not None and capacity < least:
+        raise InfeasibleError(f"capacity {capacity} is below M_R = {least} bytes, the largest single-op working "
+                              f"set of {graph.name!r}; no plan fits (use --capacity {least} or more)")
 
 
 def buffer_size(graph: LifetimeGraph, tid: int, alignment: int) -> int:

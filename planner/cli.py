@@ -18,7 +18,8 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from planner.target import format_size
 
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from planner.baselines import InfeasibleError
+    from planner.bounds import InfeasibleError
     from planner.graph import GraphError
     from planner.plan import PlanFileError
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from planner import baselines, bounds
 from planner.check import check
@@ -95,6 +96,7 @@ def compile(graph: LifetimeGraph | Any, target: Target | str | int | None = None
     """Plan `graph` (a LifetimeGraph or a frontends.Lowered) for `target`; return a checked plan."""
     graph = getattr(graph, "graph", graph)
     target = resolve_target(target, capacity, graph)
+    bounds.require_capacity(graph, target.capacity, target.include_weights, target.alignment)
     if planner == "auto":
         planner = _auto(graph, target)
     if planner == "baseline":
