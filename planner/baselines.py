@@ -146,8 +146,12 @@ class _Slot:
 
 
 def residency(graph: LifetimeGraph, order: Sequence[int], target: Target, capacity: int | None,
-              policy: str = "belady") -> tuple[list[tuple], list[_Slot]]:
-    """Pass 2: instructions whose offsets are slot numbers, and the slots' lifetimes."""
+              policy: str = "belady", isolate: bool = False) -> tuple[list[tuple], list[_Slot]]:
+    """Pass 2: instructions whose offsets are slot numbers, and the slots' lifetimes.
+
+    `isolate` empties the scratchpad before every op (storing what is still
+    needed): each op's buffers then live alone, so any packing allocator fits
+    them into M_R. The last resort when fragmentation defeats the allocator."""
     if policy not in POLICIES:
         raise ValueError(f"unknown replacement policy {policy!r}; known: {', '.join(POLICIES)}")
     check_order(graph, order)
@@ -175,8 +179,8 @@ def residency(graph: LifetimeGraph, order: Sequence[int], target: Target, capaci
         prog.append(("free", t))
         used -= size(t)
 
-    def make_room(need: int, keep: set[int], pos: int) -> None:
-        while capacity is not None and used + need > capacity:
+    def make_room(need: int, keep: set[int], pos: int, everything: bool = False) -> None:
+        while (capacity is not None and used + need > capacity) or (everything and resident):
             victims = [t for t in resident if t not in keep]
             if not victims:
                 raise InfeasibleError(f"op {graph.ops[order[pos]].name!r} needs more than {capacity} bytes")
@@ -202,6 +206,8 @@ def residency(graph: LifetimeGraph, order: Sequence[int], target: Target, capaci
         ins = [t for t in dict.fromkeys(graph.root(x) for x in op.inputs) if counted(t)]
         outs = [t for t in op.outputs if counted(t)]
         keep = set(ins)
+        if isolate and capacity is not None:
+            make_room(0, set(), pos, everything=True)
         for t in ins:
             if t not in resident:
                 place(t, "load", pos, keep)
@@ -270,19 +276,22 @@ def pipeline(graph: LifetimeGraph, target: Target, order: str | Sequence[int] = 
     require_capacity(graph, target.capacity, target.include_weights, target.alignment)
     least = m_r(graph, target.include_weights, target.alignment)
     cap = target.capacity
+    isolate = False
     for attempt in range(64):
-        prog, slots = residency(graph, seq, target, cap, policy)
+        prog, slots = residency(graph, seq, target, cap, policy, isolate)
         offs, arena = place_slots(slots, target.alignment, allocator)
         if target.capacity is None or arena <= target.capacity:
             plan = Plan(graph.name, graph.fingerprint, target, emit(prog, offs),
                         solver=SolverRecord(label, "heuristic", "heuristic", seconds=time.perf_counter() - t0,
                                             params={"order": label, "aggregate_capacity": cap,
-                                                    "attempts": attempt + 1}))
+                                                    "attempts": attempt + 1, "isolated": isolate}))
             return check(graph, plan)
         # fragmentation: shrink the aggregate capacity by the overshoot and spill more
-        cap = min(cap, target.capacity) - max(arena - target.capacity, target.alignment)
-        if cap < least:
+        if isolate:
             break
+        cap = min(cap, target.capacity) - max(arena - target.capacity, target.alignment)
+        if cap < least:  # last resort: every op alone in the scratchpad
+            cap, isolate = target.capacity, True
     raise InfeasibleError(f"{label}: the allocator could not fit the buffers into {target.capacity} bytes")
 
 
