@@ -63,6 +63,9 @@ def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: st
                 models.export_onnx(model_name, path, weights=False, **params)
             except models.ModelSpecError as e:
                 raise FrontendError(str(e)) from e
+            except Exception as e:  # the exporter's own failures are long; keep their first line
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise FrontendError(f"{spec}: ONNX export failed: {type(e).__name__}: {first}") from e
             return lower_onnx(path, elem_size=elem_size, name=name or spec)
     from frontends.fx import lower_module
 

@@ -3,7 +3,10 @@
 `torch.export.export(module, inputs).run_decompositions()` gives a functional
 graph of core ATen ops with a fake tensor (shape, dtype) on every node. Each
 call_function node becomes one op; `getitem` nodes fold into the outputs of the
-multi-output op they index. Parameters, buffers and constants become weights,
+multi-output op they index; every tensor an op returns is one of its outputs,
+read or not (max-pool's indices, BatchNorm's saved statistics), because the
+kernel writes it all the same. Nodes that return nothing are run-time
+assertions and are dropped. Parameters, buffers and constants become weights,
 user inputs become inputs. A result is a view when the op's schema says it
 aliases an argument (`Tensor(a)` returns that are not writes), plus
 `aten._unsafe_view`, which shares storage although its schema does not say so.

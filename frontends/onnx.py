@@ -7,7 +7,9 @@ removes the nodes that only compute constants; what remains becomes ops:
     folded constants too large for attrs become weights;
   - Reshape / Flatten / Squeeze / Unsqueeze / Identity outputs are views of
     their data input;
-  - constants an op still reads go into its attrs, not into tensors.
+  - constants an op still reads go into its attrs, not into tensors;
+  - with fuse=True (the default) MatMul + bias Add and the GELU / SiLU
+    decompositions become single ops again (onnx_fuse).
 FLOPs: Conv / ConvTranspose / MatMul / Gemm by formula (2 per multiply-add,
 as torch.utils.flop_counter counts), views zero, every other op its output's
 element count.

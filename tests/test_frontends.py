@@ -392,6 +392,15 @@ def test_load_model_dispatch(resnet, resnet_fx, tmp_path):
         load_model(module)
     path = _shape_graph(tmp_path / "fixed.onnx", symbolic=False)
     assert load_model(path, name="fixed").graph.name == "fixed"
+    spec = "zoo:bert:batch=1,seq=8,layers=1,d_model=32,heads=4,d_ff=64,vocab=100"
+    fx, via_onnx = load_model(spec), load_model(spec, via="onnx")
+    assert (fx.source, via_onnx.source, fx.graph.name) == ("fx", "onnx", spec)
+    assert [fx.graph.tensors[t].shape for t in fx.outputs] == [via_onnx.graph.tensors[t].shape
+                                                                for t in via_onnx.outputs] == [(1, 8, 32), (1, 32)]
+    with pytest.raises(FrontendError, match="unknown model 'nosuchnet'"):
+        load_model("zoo:nosuchnet")
+    with pytest.raises(FrontendError, match="input shapes apply to ONNX files"):
+        load_model(spec, input_shapes={"input0": (1, 8)})
 
 
 def test_outputs_that_alias_inputs_or_views_get_copies():
