@@ -57,7 +57,7 @@ def decode(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [decode(v, device) for v in value]
     if isinstance(value, dict):
-        if len(value) == 1:
+        if len(value) == 1 and not isinstance(next(iter(value.values())), (dict, list, type(None))):
             (key, inner), = value.items()
             if key == "t":
                 return Ref(int(inner))
@@ -73,6 +73,11 @@ def decode(value: Any, device: torch.device) -> Any:
                 return float(inner)
         return {k: decode(v, device) for k, v in value.items()}
     return value
+
+
+def decode_kwargs(kwargs: dict, device: torch.device) -> dict:
+    """The top level of attrs["kwargs"] is always a dict of keyword arguments, never an encoded value."""
+    return {k: decode(v, device) for k, v in kwargs.items()}
 
 
 def substitute(value: Any, get: Callable[[int], Any]) -> Any:

@@ -1,0 +1,254 @@
+"""The torch.compile backend `memplan`: plan every Dynamo graph and replay the plan.
+
+    torch.compile(model, backend="memplan", options={"capacity": "6GiB", "time_limit": 30})
+
+torch.compile hands `options` to a registered backend as the keyword argument
+`options` (torch._TorchCompileWrapper). For each graph:
+  inference  (grad disabled, or nothing requires grad): lower the Dynamo graph
+             (frontends.fx.lower_graph_module), plan it, return a callable that
+             replays the plan on the graph's device;
+  training   through AOTAutograd: the forward and the backward graphs are each
+             lowered, planned and replayed the same way.
+Parameters and buffers arriving as graph inputs (nn.Parameter, or marked static
+by Dynamo) become weights: read where they are, never copied into the arena.
+Plans are cached per (graph fingerprint, which carries the input shapes; target;
+planner options) in memory and on disk ($MEMPLAN_CACHE_DIR or ~/.cache/memplan),
+written atomically, so a second run does not solve again. A graph the frontend
+or the executor cannot handle runs eagerly with a one-line note on stderr
+(options={"fallback": False} raises instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.check import PlanError, check
+from planner.graph import LifetimeGraph
+from planner.plan import VERSION, Plan, PlanFileError
+from planner.runtime.aten_ops import ReplayError
+from planner.runtime.executor import Executor
+from planner.target import Target
+
+STATS = {"solves": 0, "memory_hits": 0, "disk_hits": 0, "eager_fallbacks": 0}  # process-wide counters
+_MEMORY: dict[str, Plan] = {}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    capacity: str | int | None = None  # device bytes for the arena ("6GiB", M_R, ...); None: minimise the arena
+    planner: str = "auto"  # any planner.compile planner name
+    time_limit: float = 30.0  # solver seconds per graph
+    target: str | None = None  # preset; default "h100" for CUDA graphs, "cpu" otherwise
+    alignment: int | None = None  # buffer alignment in bytes (default: the preset's)
+    include_weights: bool = False  # weights also live in the arena (loaded from host)
+    cache: bool = True  # reuse plans from memory and disk
+    cache_dir: str | None = None  # default $MEMPLAN_CACHE_DIR or ~/.cache/memplan
+    fallback: bool = True  # run a graph eagerly when it cannot be planned or replayed
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> BackendOptions:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"memplan backend: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def cache_path(self) -> Path:
+        base = self.cache_dir or os.environ.get("MEMPLAN_CACHE_DIR") or Path.home() / ".cache" / "memplan"
+        return Path(base)
+
+
+def memplan_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None,
+                    **_: Any) -> Callable:
+    """Dynamo backend entry point (registered as "memplan")."""
+    opts = BackendOptions.from_dict(options)
+    static = _static_inputs(gm, example_inputs)
+    training = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    if not training:
+        return _compile_graph(gm, example_inputs, opts, static, boxed=False)
+    from torch._dynamo.backends.common import aot_autograd
+
+    n_dynamo = len(example_inputs)
+
+    def forward(fw_gm, fw_inputs):
+        return _compile_graph(fw_gm, fw_inputs, opts, _aot_static(fw_inputs, static, n_dynamo), boxed=True)
+
+    def backward(bw_gm, bw_inputs):
+        return _compile_graph(bw_gm, bw_inputs, opts, set(), boxed=True)
+
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, example_inputs)
+
+
+def _static_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> set[int]:
+    """Indices of inputs that are module state: parameters, or tensors Dynamo marked static."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = set()
+    for i, x in enumerate(example_inputs):
+        meta = placeholders[i].meta.get("tensor_dict", {}) if i < len(placeholders) else {}
+        if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) \
+                or meta.get("_dynamo_static_input_type"):
+            found.add(i)
+    return found
+
+
+def _aot_static(fw_inputs: list, dynamo_static: set[int], n_dynamo: int) -> set[int]:
+    """Static inputs of an AOT forward graph: AOT's own record, else Dynamo's when the inputs line up."""
+    try:
+        from torch._guards import TracingContext
+
+        ctx = TracingContext.try_get()
+        meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
+        if meta is not None and getattr(meta, "static_input_indices", None) is not None:
+            return set(meta.static_input_indices)
+    except ImportError:
+        pass
+    return set(dynamo_static) if len(fw_inputs) == n_dynamo else set()
+
+
+def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: BackendOptions, static: set[int],
+                   boxed: bool) -> Callable:
+    from frontends.common import FrontendError
+
+    name = f"{type(gm).__name__}_{len(gm.graph.nodes)}"
+    try:
+        runner = _build_runner(gm, example_inputs, opts, static, name)
+    except (FrontendError, ReplayError, PlanError, PlanFileError, ImportError) as e:
+        if not opts.fallback:
+            raise
+        STATS["eager_fallbacks"] += 1
+        print(f"memplan: {name}: {e}; running this graph eagerly", file=sys.stderr)
+        runner = gm.forward
+    if not boxed:
+        return runner
+
+    def boxed_call(args: list):
+        xs = list(args)
+        args.clear()  # AOT's boxed convention: the callee owns (and may drop) the inputs
+        return runner(*xs)
+    boxed_call._boxed_call = True  # type: ignore[attr-defined]
+    return boxed_call
+
+
+def _build_runner(gm, example_inputs, opts: BackendOptions, static: set[int], name: str) -> Callable:
+    from frontends.fx import lower_graph_module
+
+    kept_gm, template = _tensor_outputs_only(gm)
+    lowered = lower_graph_module(kept_gm, example_inputs, name=name)
+    lowered = _mark_weights(lowered, static)
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    plan = plan_cached(lowered.graph, opts, device)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # AOT compiles under a fake mode; the arena must be real memory
+        ex = Executor.from_lowered(lowered, plan, device)
+    if template is None:
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
+            return lambda *args: ex.run(*args)[0]
+        return ex.run
+
+    def run(*args):
+        outs = iter(ex.run(*args))
+        return tuple(next(outs) if slot is _TENSOR else slot for slot in template)
+    return run
+
+
+_TENSOR = object()  # marks a tensor position in an output template
+
+
+def _tensor_outputs_only(gm: torch.fx.GraphModule):
+    """The graph with only its tensor outputs (AOT backward graphs return None for inputs without
+    gradients), and a template to put the others back; (gm, None) when nothing was removed."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    values = out_node.args[0]
+    if not isinstance(values, (tuple, list)):
+        return gm, None
+    is_tensor = [isinstance(v, torch.fx.Node) for v in values]
+    if all(is_tensor):
+        return gm, None
+    graph = torch.fx.Graph()
+    val_map: dict = {}
+    mapped = graph.graph_copy(gm.graph, val_map)
+    graph.output(tuple(m for m, t in zip(mapped, is_tensor) if t))
+    template = [_TENSOR if t else v for v, t in zip(values, is_tensor)]
+    return torch.fx.GraphModule(gm, graph), template
+
+
+def _mark_weights(lowered, static: set[int]):
+    """Turn the static call inputs into weights (read in place, never copied into the arena)."""
+    ids = {lowered.inputs[i] for i in static if i < len(lowered.inputs)}
+    g = lowered.graph
+    ids = {t for t in ids if g.tensors[t].kind == "input"}
+    if not ids:
+        return lowered
+    tensors = tuple(dataclasses.replace(t, kind="weight") if t.id in ids else t for t in g.tensors)
+    ops = tuple(dataclasses.replace(o, inplace_inputs=tuple(i for i in o.inplace_inputs if i not in ids))
+                for o in g.ops)
+    return dataclasses.replace(lowered, graph=LifetimeGraph(g.name, tensors, ops))
+
+
+# ------------------------------------------------------------------ plans and the cache
+def target_for(graph: LifetimeGraph, opts: BackendOptions, device: torch.device) -> Target:
+    from planner.compile import resolve_target
+
+    preset = opts.target or ("h100" if device.type == "cuda" else "cpu")
+    capacity = "none" if opts.capacity is None else opts.capacity
+    return resolve_target(preset, capacity, graph, opts.include_weights, opts.alignment)
+
+
+def cache_key(graph: LifetimeGraph, target: Target, opts: BackendOptions) -> str:
+    record = {"fingerprint": graph.fingerprint, "target": target.to_dict(), "planner": opts.planner,
+              "time_limit": opts.time_limit, "memplan": VERSION}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def plan_cached(graph: LifetimeGraph, opts: BackendOptions, device: torch.device) -> Plan:
+    """A checked plan for `graph`: from memory, from disk, or solved (and then stored in both)."""
+    target = target_for(graph, opts, device)
+    key = cache_key(graph, target, opts)
+    if opts.cache and key in _MEMORY:
+        STATS["memory_hits"] += 1
+        return _MEMORY[key]
+    path = opts.cache_path() / f"{key}.plan.json"
+    if opts.cache and path.is_file():
+        try:
+            plan = check(graph, Plan.load(path))
+            STATS["disk_hits"] += 1
+            _MEMORY[key] = plan
+            return plan
+        except (PlanFileError, PlanError):
+            pass  # stale or damaged: solve again and overwrite it
+    plan = _solve(graph, target, opts)
+    if opts.cache:
+        _MEMORY[key] = plan
+        try:
+            plan.save(path)
+        except OSError as e:  # a read-only home still gets the in-memory cache
+            print(f"memplan: cannot write the plan cache {path}: {e.strerror}", file=sys.stderr)
+    return plan
+
+
+def _solve(graph: LifetimeGraph, target: Target, opts: BackendOptions) -> Plan:
+    from planner.compile import compile as compile_plan
+
+    STATS["solves"] += 1
+    try:
+        return compile_plan(graph, target, planner=opts.planner, time_limit=opts.time_limit)
+    except ImportError as e:  # a formulation whose solver is not installed here (no ortools / pulp)
+        if opts.planner not in ("auto",):
+            raise
+        print(f"memplan: planner 'auto' unavailable ({e}); using 'baseline'", file=sys.stderr)
+        return compile_plan(graph, target, planner="baseline", time_limit=opts.time_limit)
