@@ -5,8 +5,8 @@ deleted still plans). `onnx_fold.resolve` gives every value a static shape and
 removes the nodes that only compute constants; what remains becomes ops:
   - initializers, the TorchScript exporter's Identity copies of them, and
     folded constants too large for attrs become weights;
-  - Reshape / Flatten / Squeeze / Unsqueeze / Identity outputs are views of
-    their data input;
+  - Reshape / Flatten / Squeeze / Unsqueeze / Identity outputs (and Dropout's
+    in inference mode) are views of their data input;
   - constants an op still reads go into its attrs, not into tensors;
   - with fuse=True (the default) MatMul + bias Add and the GELU / SiLU
     decompositions become single ops again (onnx_fuse).
@@ -155,9 +155,7 @@ class _Lowering:
                 in_ids.append(self._tensor_of(x))
                 positions.append(pos)
         op = node.op_type
-        view_of = None
-        if op in VIEW_OPS and positions[:1] == [0]:
-            view_of = in_ids[0]
+        view_of = in_ids[0] if positions[:1] == [0] and _is_view(node, consts) else None
         out_ids, out_positions = [], []
         for pos, x in enumerate(node.output):
             if not x:
@@ -175,7 +173,17 @@ class _Lowering:
         flops = 0.0 if view_of is not None else _flops(node, [v[x] if x else None for x in node.input],
                                                        v[node.output[0]])
         self.gb.op(name, op, in_ids, out_ids, flops=flops, elementwise=op in ELEMENTWISE_OPS,
-                   recomputable=op not in _RANDOM_OPS, attrs=attrs)
+                   recomputable=view_of is not None or op not in _RANDOM_OPS, attrs=attrs)
+
+
+def _is_view(node: onnx.NodeProto, consts: dict[str, Any]) -> bool:
+    """Reshape and friends; also inference-mode Dropout (no mask output, not training), the identity."""
+    if node.op_type in VIEW_OPS:
+        return True
+    if node.op_type != "Dropout" or any(node.output[1:]) or (len(node.input) > 2 and node.input[2]
+                                                                 and "2" not in consts):
+        return False
+    return not ("2" in consts and consts["2"]["value"])
 
 
 def _flops(node: onnx.NodeProto, ins: list[Value | None], out: Value) -> float:

@@ -24,10 +24,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from frontends.onnx_fold import KeptNode, StaticGraph
+from frontends.onnx_fold import KeptNode, StaticGraph, Value
 
-_POINTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt"})
-_CORES = frozenset({"Erf", "Tanh", "Sigmoid"})
+_POINTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Reciprocal"})
+_LN_OPS = _POINTWISE | {"ReduceMean"}
+_CORES = {"Erf": "activation", "Tanh": "activation", "Sigmoid": "activation", "ReduceMean": "layernorm"}
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                          onnx.TensorProto.DOUBLE})
 _WINDOW = 32  # nodes scanned after a candidate input: exporters write these patterns contiguously
 _SAMPLES = np.linspace(-5.0, 5.0, 81, dtype=np.float32)
 
@@ -53,7 +56,7 @@ _FUNCTIONS = (  # (op_type, attributes, reference); the two GELUs differ by > 1e
 
 def fuse(static: StaticGraph, opset: int) -> StaticGraph:
     nodes = _fuse_bias(list(static.nodes), static)
-    nodes = _fuse_activations(nodes, static, opset)
+    nodes = _fuse_regions(nodes, static, opset)
     return replace(static, nodes=tuple(nodes))
 
 
@@ -93,93 +96,147 @@ def _fuse_bias(nodes: list[KeptNode], s: StaticGraph) -> list[KeptNode]:
     return [k for i, k in enumerate(nodes) if i not in drop]
 
 
-def _fuse_activations(nodes: list[KeptNode], s: StaticGraph, opset: int) -> list[KeptNode]:
+def _fuse_regions(nodes: list[KeptNode], s: StaticGraph, opset: int) -> list[KeptNode]:
+    """Replace each verified activation / LayerNorm region by one node (see the module docstring)."""
     users = _consumers(nodes)
     producer = {x: i for i, k in enumerate(nodes) for x in k.node.output if x}
     taken: set[int] = set()
     replacements: dict[int, KeptNode] = {}
     for c, core in enumerate(nodes):
-        if core.node.op_type not in _CORES or c in taken:
+        family = _CORES.get(core.node.op_type)
+        if family is None or c in taken:
             continue
         for x in _candidates(nodes, producer, s, c):
-            region = _region(nodes, users, s, x, start=min(users[x]))
+            region = _region(nodes, s, x, min(users[x]), family)
             if c not in region or taken & set(region):
                 continue
-            y = _single_output(nodes, users, s, region)
-            if y is None:
+            found = _best_subregion(nodes, users, s, region, c, x, family, opset)
+            if found is None:
                 continue
-            match = _identify(nodes, s, region, x, y, opset)
-            if match is None:
-                continue
-            op_type, attrs = match
-            last = max(region)
-            fused = helper.make_node(op_type, [x], [y], name=nodes[last].name, **attrs)
-            replacements[last] = KeptNode(fused, nodes[last].name, tuple(nodes[r].name for r in region))
-            taken.update(region)
+            sub, y, op_type, side, attrs = found
+            last = max(sub)
+            fused = helper.make_node(op_type, [x, *side], [y], name=nodes[last].name, **attrs)
+            replacements[last] = KeptNode(fused, nodes[last].name, tuple(nodes[r].name for r in sub))
+            taken.update(sub)
             break
     return [replacements.get(i, k) for i, k in enumerate(nodes) if i not in taken or i in replacements]
 
 
 def _candidates(nodes: list[KeptNode], producer: dict[str, int], s: StaticGraph, core: int) -> list[str]:
-    """Non-constant values up to 6 element-wise steps before the core, nearest first."""
+    """Non-constant values up to 8 steps before the core through fusable nodes, nearest first."""
     found: list[str] = []
     frontier = [core]
-    for _ in range(6):
+    for _ in range(8):
         nxt = []
         for i in frontier:
             for x in nodes[i].node.input:
-                if x and s.values[x].const is None and x not in found:
+                if x and s.values[x].const is None and s.values[x].weight is None and x not in found:
                     found.append(x)
                     p = producer.get(x)
-                    if p is not None and nodes[p].node.op_type in _POINTWISE:
+                    if p is not None and nodes[p].node.op_type in _LN_OPS:
                         nxt.append(p)
         frontier = nxt
     return found
 
 
-def _region(nodes: list[KeptNode], users: dict[str, list[int]], s: StaticGraph, x: str, start: int) -> list[int]:
-    """Element-wise nodes after `start` computing from x and constants only."""
+def _side_ok(v: Value, x: Value, family: str) -> bool:
+    """Inputs a region may read besides x: constants; for LayerNorm also per-channel weights."""
+    if v.const is not None and v.weight is None:
+        return True
+    return family == "layernorm" and v.weight is not None and v.shape == x.shape[-1:]
+
+
+def _region(nodes: list[KeptNode], s: StaticGraph, x: str, start: int, family: str) -> list[int]:
+    """The nodes after `start` that compute from x (and side inputs) alone, in program order."""
+    ops = _POINTWISE if family == "activation" else _LN_OPS
     inside, region = {x}, []
     for i in range(start, min(len(nodes), start + _WINDOW)):
         n = nodes[i].node
-        if n.op_type not in _POINTWISE or n.domain not in ("", "ai.onnx"):
+        if n.op_type not in ops or n.domain not in ("", "ai.onnx"):
             continue
-        live = [v for v in n.input if v and s.values[v].const is None]
+        live = [v for v in n.input if v and not _side_ok(s.values[v], s.values[x], family)]
         if live and all(v in inside for v in live):
             region.append(i)
             inside.update(o for o in n.output if o)
     return region
 
 
-def _single_output(nodes, users, s: StaticGraph, region: list[int]) -> str | None:
+def _best_subregion(nodes, users, s: StaticGraph, region: list[int], core: int, x: str, family: str, opset: int):
+    """The largest part of the region ending in one value y that is closed and computes a known function."""
     members = set(region)
-    escaping = {o for i in region for o in nodes[i].node.output
-                if o and (o in s.outputs or any(u not in members for u in users.get(o, ())))}
-    return escaping.pop() if len(escaping) == 1 else None
+    producer = {o: i for i in region for o in nodes[i].node.output if o}
+    for end in reversed(region):
+        y = nodes[end].node.output[0]
+        if s.values[y].shape != s.values[x].shape:
+            continue
+        sub, stack = set(), [end]
+        while stack:  # the ancestors of y inside the region
+            i = stack.pop()
+            if i not in sub:
+                sub.add(i)
+                stack.extend(producer[v] for v in nodes[i].node.input if v in producer)
+        inner = {o for i in sub for o in nodes[i].node.output if o} - {y}
+        if core not in sub or any(o in s.outputs or set(users.get(o, ())) - sub for o in inner):
+            continue
+        ordered = sorted(sub & members)
+        match = _identify(nodes, s, ordered, x, y, family, opset)
+        if match is not None:
+            return (ordered, y, *match)
+    return None
 
 
-def _identify(nodes, s: StaticGraph, region: list[int], x: str, y: str, opset: int):
-    """Evaluate the region on sample points; (op_type, attributes) of the function it computes, or None."""
+def _identify(nodes, s: StaticGraph, region: list[int], x: str, y: str, family: str, opset: int):
+    """Evaluate the region on sample data: (op_type, side inputs, attributes) of what it computes, or None."""
     from onnx.reference import ReferenceEvaluator
 
-    if s.values[x].elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                      onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+    xv = s.values[x]
+    if xv.elem_type not in _FLOAT_TYPES or not xv.shape:
         return None
-    if s.values[x].shape != s.values[y].shape:
-        return None
-    env = {x: _SAMPLES}
+    rng = np.random.default_rng(0)
+    if family == "activation":
+        sample = _SAMPLES.reshape((1,) * (len(xv.shape) - 1) + (-1,))
+    else:
+        sample = rng.standard_normal((3,) + (1,) * (len(xv.shape) - 2) + xv.shape[-1:]).astype(np.float32)
+    env: dict[str, np.ndarray] = {x: sample}
+    weights: list[str] = []
     try:
         for i in region:
             n = nodes[i].node
-            feeds = {v: env[v] if v in env else s.values[v].const for v in n.input if v}
-            outs = ReferenceEvaluator(n, opsets={"": opset}).run(None, feeds)
+            for v in n.input:
+                if v and v not in env:
+                    if s.values[v].weight is not None:  # stand-in values: the identity must hold for any weights
+                        env[v] = rng.standard_normal(s.values[v].shape).astype(np.float32)
+                        weights.append(v)
+                    else:
+                        env[v] = s.values[v].const
+            outs = ReferenceEvaluator(n, opsets={"": opset}).run(None, {v: env[v] for v in n.input if v})
             env.update(zip(n.output, outs))
-    except Exception:  # constants that do not broadcast against a sample vector: not one of ours
+    except Exception:  # side inputs that do not broadcast against the sample: not one of ours
         return None
     got = np.asarray(env[y], dtype=np.float64)
-    if got.shape != _SAMPLES.shape:
+    if got.shape != sample.shape:
         return None
-    for op_type, attrs, reference in _FUNCTIONS:
-        if np.allclose(got, reference(_SAMPLES.astype(np.float64)), rtol=1e-5, atol=2e-6):
-            return op_type, attrs
+    if family == "activation":
+        for op_type, attrs, reference in _FUNCTIONS:
+            if np.allclose(got, reference(sample.astype(np.float64)), rtol=1e-5, atol=2e-6):
+                return op_type, [], attrs
+        return None
+    return _identify_layernorm(got, sample.astype(np.float64), env, weights, nodes, region, s)
+
+
+def _identify_layernorm(got, sample, env, weights: list[str], nodes, region, s: StaticGraph):
+    """(x - mean) / sqrt(var + eps) * gamma + beta over the last axis, for some eps among the constants."""
+    eps_candidates = {float(s.values[v].const.reshape(-1)[0]) for i in region for v in nodes[i].node.input
+                      if v and s.values[v].weight is None and s.values[v].const is not None
+                      and s.values[v].const.size == 1 and s.values[v].const.dtype.kind == "f"}
+    centred = sample - sample.mean(axis=-1, keepdims=True)
+    variance = (centred**2).mean(axis=-1, keepdims=True)
+    orders = [(weights[0], weights[1]), (weights[1], weights[0])] if len(weights) == 2 else \
+        [(weights[0], None)] if len(weights) == 1 else []
+    for eps in sorted(eps_candidates):
+        normed = centred / np.sqrt(variance + eps)
+        for gamma, beta in orders:
+            ref = normed * env[gamma] + (env[beta] if beta is not None else 0.0)
+            if np.allclose(got, ref, rtol=1e-4, atol=1e-5):
+                return "LayerNormalization", [gamma, *([beta] if beta else [])], {"axis": -1, "epsilon": eps}
     return None

@@ -115,10 +115,10 @@ def ops_of(g: LifetimeGraph, op_type: str):
     return [o for o in g.ops if o.op_type == op_type]
 
 
-def export(module, inputs, path, dynamic=None) -> str:
+def export(module, inputs, path, dynamic=None, opset=17) -> str:
     names = [f"input{i}" for i in range(len(inputs))]
     with torch.no_grad():
-        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=17, input_names=names,
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
                           dynamic_axes=dynamic)
     return str(path)
 
@@ -307,6 +307,30 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
     unfused = lower_onnx(path, input_shapes=shapes, fuse=False).graph
     assert not ops_of(unfused, "Gelu") and not ops_of(unfused, "MatMulAdd")
     assert activation_bytes(unfused) > 1.3 * act_fx  # what planning the exported decomposition would cost
+
+
+def test_opset11_layernorm_and_dropout(tmp_path):
+    """Before opset 17 LayerNorm is exported as 9 nodes (ReduceMean, Sub, Pow, ...): fused back after
+    evaluation shows it is (x - mean) / sqrt(var + eps) * gamma + beta; Dropout in inference is a view."""
+    module, inputs, _ = _transformer_case("bert")
+    old = lower_onnx(export(module, inputs, tmp_path / "bert11.onnx", opset=11))
+    new = lower_onnx(export(module, inputs, tmp_path / "bert17.onnx"))
+    assert len(ops_of(old.graph, "LayerNormalization")) == 5 and not ops_of(old.graph, "ReduceMean")
+    assert {o.attrs["attributes"]["epsilon"] for o in ops_of(old.graph, "LayerNormalization")} == \
+        {float(np.float32(1e-5))}
+    types = [collections.Counter(o.op_type for o in lo.graph.ops) for lo in (old, new)]
+    assert types[0] == types[1]
+    assert activation_bytes(old.graph) == activation_bytes(new.graph)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Dropout", ["x"], ["d"], name="drop"),
+                               helper.make_node("Relu", ["d"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = str(tmp_path / "drop.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    g = lower_onnx(path).graph
+    drop, relu = g.ops
+    assert g.tensors[drop.outputs[0]].alias_of == drop.inputs[0] and drop.flops == 0 and drop.recomputable
+    assert relu.inplace_inputs == ()  # its input is a view
 
 
 # ---- a hand-made file: folding rules, views, output copies --------------------------------------
