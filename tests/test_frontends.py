@@ -309,9 +309,10 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
     assert activation_bytes(unfused) > 1.3 * act_fx  # what planning the exported decomposition would cost
 
 
-def test_opset11_layernorm_and_dropout(tmp_path):
+def test_opset11_layernorm_silu_and_dropout(tmp_path):
     """Before opset 17 LayerNorm is exported as 9 nodes (ReduceMean, Sub, Pow, ...): fused back after
-    evaluation shows it is (x - mean) / sqrt(var + eps) * gamma + beta; Dropout in inference is a view."""
+    evaluation shows it is (x - mean) / sqrt(var + eps) * gamma + beta. SiLU = Sigmoid + Mul becomes
+    Swish. Dropout in inference is a view."""
     module, inputs, _ = _transformer_case("bert")
     old = lower_onnx(export(module, inputs, tmp_path / "bert11.onnx", opset=11))
     new = lower_onnx(export(module, inputs, tmp_path / "bert17.onnx"))
@@ -321,6 +322,10 @@ def test_opset11_layernorm_and_dropout(tmp_path):
     types = [collections.Counter(o.op_type for o in lo.graph.ops) for lo in (old, new)]
     assert types[0] == types[1]
     assert activation_bytes(old.graph) == activation_bytes(new.graph)
+    silu = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8)).eval()
+    g = lower_onnx(export(silu, (torch.randn(2, 5, 8),), tmp_path / "silu.onnx")).graph
+    assert [o.op_type for o in g.ops] == ["MatMulAdd", "Swish", "MatMulAdd"]
+    assert g.ops[1].attrs["fused_from"] == ["/1/Sigmoid", "/1/Mul"] and g.ops[1].inplace_inputs == g.ops[1].inputs
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph([helper.make_node("Dropout", ["x"], ["d"], name="drop"),
                                helper.make_node("Relu", ["d"], ["y"])], "g", [x],
