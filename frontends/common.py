@@ -39,6 +39,9 @@ class Lowered:
     inputs: tuple[int, ...]  # graph input tensor ids in call order
     outputs: tuple[int, ...]  # output tensor ids in return order
     source: str  # "fx" | "onnx"
+    # returns that are not tensors (AOTAutograd backward graphs return None for inputs without grad):
+    # position in the flat return tuple -> value; `outputs` fills the other positions in order
+    output_constants: dict[int, Any] = field(default_factory=dict)
 
 
 def json_float(x: float) -> float | dict[str, str]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from frontends.common import FrontendError, GraphBuilder, Lowered, json_float
@@ -48,19 +48,22 @@ def lower_module(module, example_inputs: Sequence[Any], *, name: str | None = No
 
 
 def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = None,
-                       elem_size: int | None = None) -> Lowered:
-    """Lower an fx.GraphModule (e.g. from Dynamo) run on `example_inputs`.
+                       elem_size: int | None = None, weight_inputs: Collection[int] | None = None) -> Lowered:
+    """Lower an fx.GraphModule (e.g. from Dynamo or AOTAutograd) run on `example_inputs`.
 
-    Dynamo passes parameters and buffers as graph inputs; an example input that
-    is an nn.Parameter or that Dynamo marked static (`_dynamo_static_input_type`,
-    set on module parameters and buffers) becomes a tensor of kind "weight",
-    still listed in `inputs` in call order since the caller feeds it.
+    Dynamo passes parameters and buffers as graph inputs; the inputs at the
+    positions `weight_inputs` (by default: every nn.Parameter and every tensor
+    Dynamo marked static, `_dynamo_static_input_type`, as it does module
+    parameters and buffers) become tensors of kind "weight", still listed in
+    `inputs` in call order since the caller feeds them.
     """
     import torch
 
     gname = name or type(gm).__name__
-    weight_inputs = {i for i, x in enumerate(example_inputs)
-                     if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
+    if weight_inputs is None:
+        weight_inputs = {i for i, x in enumerate(example_inputs)
+                         if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
+    weight_inputs = set(weight_inputs)
     try:
         ep = torch.export.export(gm, tuple(example_inputs)).run_decompositions()
     except Exception as e:
@@ -188,20 +191,29 @@ class _Lowering:
                     return self.ids[value]
         return None
 
-    def add_outputs(self) -> tuple[int, ...]:
+    def add_outputs(self) -> tuple[tuple[int, ...], dict[int, Any]]:
+        """User output tensor ids in return order, and the non-tensor returns by position."""
         from torch.export.graph_signature import OutputKind
 
         out_node = next(n for n in self.ep.graph.nodes if n.op == "output")
         values = out_node.args[0]
         user: list[int] = []
+        constants: dict[int, Any] = {}
+        position = 0
         for spec, value in zip(self.ep.graph_signature.output_specs, values):
-            if value not in self.ids:
-                raise FrontendError(f"{self.gb.name}: output {spec.arg} is not a tensor")
             if spec.kind == OutputKind.USER_OUTPUT:
-                user.append(self.ids[value])
-            else:  # a buffer mutation (BatchNorm in training mode): its new value must be written back too
+                if value in self.ids:
+                    user.append(self.ids[value])
+                elif value is None or isinstance(value, (bool, int, float)):
+                    constants[position] = value
+                else:
+                    raise FrontendError(f"{self.gb.name}: output {spec.arg} is neither a tensor nor a constant")
+                position += 1
+            elif value in self.ids:  # a buffer mutation (BatchNorm in training mode): written back too
                 self.extra_outputs.append(self.ids[value])
-        return tuple(user)
+            else:
+                raise FrontendError(f"{self.gb.name}: {spec.kind.name} output {spec.arg} is not a tensor")
+        return tuple(user), constants
 
 
 def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
@@ -214,14 +226,14 @@ def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
         elif node.op == "get_attr":
             raise FrontendError(f"{name}: node {node.name!r} reads attribute {node.target!r}; "
                                 "expected lifted parameters")
-    user_outputs = lw.add_outputs()
+    user_outputs, constants = lw.add_outputs()
 
     def copy_op(src: int, dst: int) -> tuple[str, dict[str, Any]]:
         return "aten.clone.default", {"target": "aten.clone.default", "args": [{"t": src}], "kwargs": {},
                                       "results": None}
 
     graph, outputs = lw.gb.finish([*user_outputs, *lw.extra_outputs], copy_op)
-    return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx")
+    return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx", constants)
 
 
 def _encode(value, ids: dict[Any, int]):

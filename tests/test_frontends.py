@@ -449,18 +449,26 @@ def test_outputs_that_alias_inputs_or_views_get_copies():
     assert all(lo.outputs[2] not in o.inplace_inputs for o in g.ops)
 
 
-def test_dynamo_graph_module():
+def test_dynamo_and_aot_autograd_graph_modules():
+    from torch._functorch.aot_autograd import aot_module_simplified
+
     torch.manual_seed(0)
     module, x = SmallResNet().eval(), torch.randn(2, 3, 16, 16)
     captured = {}
 
+    def keep(key):
+        def compiler(gm, example_inputs):
+            captured[key] = (gm, list(example_inputs))
+            return gm.forward
+        return compiler
+
     def backend(gm, example_inputs):
-        captured.update(gm=gm, inputs=list(example_inputs))
-        return gm.forward
+        keep("dynamo")(gm, example_inputs)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
 
     torch._dynamo.reset()
-    torch.compile(module, backend=backend)(x)
-    lo = lower_graph_module(captured["gm"], captured["inputs"])
+    torch.compile(module, backend=backend)(x).sum().backward()
+    lo = lower_graph_module(*captured["dynamo"])
     g, ref = lo.graph, lower_module(module, (x,)).graph
     # Dynamo passes parameters and buffers as inputs; they are weights, the image is the one input
     assert [g.tensors[t].kind for t in lo.inputs].count("input") == 1
@@ -468,3 +476,14 @@ def test_dynamo_graph_module():
     assert len(lo.weights) == sum(t.kind == "weight" for t in g.tensors)
     assert collections.Counter(o.op_type for o in g.ops) == collections.Counter(o.op_type for o in ref.ops)
     assert activation_bytes(g) == activation_bytes(ref)
+    # AOTAutograd's backward returns one gradient per forward input: None where none is needed
+    bw_gm, bw_inputs = captured["bw"]
+    bw = lower_graph_module(bw_gm, bw_inputs, name="bw")
+    returned = next(n for n in bw_gm.graph.nodes if n.op == "output").args[0]
+    assert sorted(bw.output_constants) == [i for i, r in enumerate(returned) if r is None]
+    assert set(bw.output_constants.values()) == {None} and len(bw.outputs) + len(bw.output_constants) == len(returned)
+    grads = [tuple(p.shape) for p in module.parameters()]
+    assert sorted(bw.graph.tensors[t].shape for t in bw.outputs) == sorted(grads)
+    assert_static_and_serialisable(bw.graph)
+    fw = lower_graph_module(*captured["fw"], name="fw", weight_inputs=range(len(grads)))
+    assert [fw.graph.tensors[t].kind for t in fw.inputs[:len(grads)]] == ["weight"] * len(grads)
