@@ -180,11 +180,9 @@ def _fold(node: onnx.NodeProto, name: str, ins: list[Value | None], values: dict
         return True
     if op in _RANDOM_OPS or any(v.const is None for v in real):
         return False
-    from onnx.reference import ReferenceEvaluator
-
     feeds = {x: values[x].const for x in node.input if x}
     try:
-        results = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
+        results = evaluate(node, feeds, opset)
     except Exception as e:  # the reference kernels reject some inputs; say which node
         raise FrontendError(f"{where}: node {name!r} ({op}) has constant inputs but cannot be evaluated: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -193,6 +191,22 @@ def _fold(node: onnx.NodeProto, name: str, ins: list[Value | None], values: dict
             arr = np.asarray(r)
             values[out] = Value(arr.shape, helper.np_dtype_to_tensor_dtype(arr.dtype), arr, None)
     return True
+
+
+def evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
+    """Run one node with onnx.reference's numpy kernels at the model's opset.
+
+    The node is wrapped in a one-node model: ReferenceEvaluator given a bare
+    NodeProto ignores `opsets` and applies the newest semantics (Unsqueeze's
+    axes attribute of opset 11 is then rejected)."""
+    from onnx.reference import ReferenceEvaluator
+
+    def untyped(names):
+        return [helper.make_tensor_value_info(x, TensorProto.UNDEFINED, None) for x in names if x]
+
+    graph = helper.make_graph([node], "node", untyped(node.input), untyped(node.output))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, feeds)
 
 
 def _infer(node: onnx.NodeProto, name: str, ins: list[Value | None], opset: int, where: str,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from frontends.onnx_fold import KeptNode, StaticGraph, Value
+from frontends.onnx_fold import KeptNode, StaticGraph, Value, evaluate
 
 _POINTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Reciprocal"})
 _LN_OPS = _POINTWISE | {"ReduceMean"}
@@ -191,8 +191,6 @@ def _best_subregion(nodes, users, s: StaticGraph, region: list[int], core: int, 
 
 def _identify(nodes, s: StaticGraph, region: list[int], x: str, y: str, family: str, opset: int):
     """Evaluate the region on sample data: (op_type, side inputs, attributes) of what it computes, or None."""
-    from onnx.reference import ReferenceEvaluator
-
     xv = s.values[x]
     if xv.elem_type not in _FLOAT_TYPES or not xv.shape:
         return None
@@ -213,7 +211,7 @@ def _identify(nodes, s: StaticGraph, region: list[int], x: str, y: str, family: 
                         weights.append(v)
                     else:
                         env[v] = s.values[v].const
-            outs = ReferenceEvaluator(n, opsets={"": opset}).run(None, {v: env[v] for v in n.input if v})
+            outs = evaluate(n, {v: env[v] for v in n.input if v}, opset)
             env.update(zip(n.output, outs))
     except Exception:  # side inputs that do not broadcast against the sample: not one of ours
         return None

@@ -19,6 +19,7 @@ from torch import nn
 from frontends import FrontendError, load_model
 from frontends.fx import lower_graph_module, lower_module
 from frontends.onnx import lower_onnx, onnx_weights
+from frontends.onnx_fold import evaluate
 from planner.graph import LifetimeGraph
 
 
@@ -132,6 +133,72 @@ def assert_static_and_serialisable(g: LifetimeGraph, elem_size=None) -> None:
     assert LifetimeGraph.from_dict(json.loads(blob)).fingerprint == g.fingerprint
 
 
+def replay_fx(lo, inputs):
+    """Run an fx lowering op by op from its attrs alone (the replay contract), on the CPU."""
+    g = lo.graph
+    env = dict(zip(lo.inputs, inputs))
+    env.update({t.id: lo.weights[t.name] for t in g.tensors if t.name in lo.weights})
+
+    def decode(v):
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        if isinstance(v, dict):
+            if set(v) == {"t"}:
+                return env[v["t"]]
+            if set(v) == {"dtype"}:
+                return getattr(torch, v["dtype"])
+            if set(v) == {"device"}:
+                return torch.device(v["device"])
+            if set(v) in ({"layout"}, {"memory_format"}):
+                return getattr(torch, next(iter(v.values())).removeprefix("torch."))
+            if set(v) == {"float"}:
+                return float(v["float"])
+            raise AssertionError(f"unknown encoding {v}")
+        return v
+
+    for op in g.ops:
+        namespace, name, overload = op.attrs["target"].split(".")
+        fn = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+        result = fn(*decode(op.attrs["args"]), **{k: decode(v) for k, v in op.attrs["kwargs"].items()})
+        positions = op.attrs["results"]
+        env.update(zip(op.outputs, [result] if positions is None else [result[p] for p in positions]))
+    return [env[t] for t in lo.outputs]
+
+
+def replay_onnx(lo, inputs, opset):
+    """Run an ONNX lowering op by op from its attrs with onnx.reference (fused ops at their own opsets)."""
+    g = lo.graph
+    env = {t: np.asarray(x) for t, x in zip(lo.inputs, inputs)}
+    env.update({t.id: lo.weights[t.name] for t in g.tensors if t.name in lo.weights})
+
+    def array(enc):
+        return np.array(enc["value"], dtype=enc["dtype"]).reshape(enc["shape"])
+
+    for op in g.ops:
+        a = op.attrs
+        n_in = max([*a["input_positions"], *map(int, a["const_inputs"]), -1]) + 1
+        feeds = [None] * n_in
+        for tid, pos in zip(op.inputs, a["input_positions"]):
+            feeds[pos] = env[tid]
+        for pos, enc in a["const_inputs"].items():
+            feeds[int(pos)] = array(enc)
+        if a["onnx_op"] == "MatMulAdd":
+            outs = [feeds[0] @ feeds[1] + feeds[2]]
+        elif a["onnx_op"] == "Gelu":  # onnx.reference has no Gelu kernel
+            outs = [nn.functional.gelu(torch.from_numpy(feeds[0]), approximate=a["attributes"]["approximate"]).numpy()]
+        elif a["onnx_op"] == "Swish":
+            outs = [nn.functional.silu(torch.from_numpy(feeds[0])).numpy()]
+        else:
+            attributes = {k: numpy_helper.from_array(array(v)) if isinstance(v, dict) else v
+                          for k, v in a["attributes"].items()}
+            names = [f"i{i}" if x is not None else "" for i, x in enumerate(feeds)]
+            node = helper.make_node(a["onnx_op"], names, [f"o{p}" for p in a["output_positions"]], **attributes)
+            version = 17 if a["onnx_op"] == "LayerNormalization" else opset
+            outs = evaluate(node, {n: x for n, x in zip(names, feeds) if n}, version)
+        env.update(zip(op.outputs, outs))
+    return [env[t] for t in lo.outputs]
+
+
 # ---- the CNN through both frontends -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -188,6 +255,9 @@ def test_cnn_fx_lowering(resnet, resnet_fx):
     (bn, *_) = ops_of(g, "aten._native_batch_norm_legit_no_training.default")
     assert bn.attrs["results"] == [0, 1, 2] and len(bn.outputs) == 3
     assert_static_and_serialisable(g)
+    with torch.no_grad():
+        (got,) = replay_fx(resnet_fx, resnet[1])
+        assert torch.allclose(got, module(*resnet[1]), atol=1e-5)
 
 
 def test_cnn_onnx_matches_fx(resnet_onnx_path, resnet_fx):
@@ -232,8 +302,12 @@ def test_cnn_onnx_matches_fx(resnet_onnx_path, resnet_fx):
     assert_static_and_serialisable(g)
 
 
-def test_onnx_weights_optional(resnet_onnx_path, tmp_path):
+def test_onnx_weights_optional(resnet, resnet_onnx_path, tmp_path):
     with_data = lower_onnx(resnet_onnx_path, load_weights=True)
+    with torch.no_grad():
+        expected = resnet[0](*resnet[1]).numpy()
+    (got,) = replay_onnx(with_data, [x.numpy() for x in resnet[1]], opset=17)
+    assert np.allclose(got, expected, atol=1e-5)
     arrays = onnx_weights(resnet_onnx_path)
     assert set(with_data.weights) == {t.name for t in with_data.graph.tensors if t.kind == "weight"}
     for name, value in with_data.weights.items():
@@ -299,6 +373,13 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
         assert o.inplace_inputs == (() if g.tensors[o.inputs[0]].alias_of is not None else o.inputs)
     fx = lower_module(module, inputs)
     assert [fx.graph.tensors[i].shape for i in fx.inputs] == [g.tensors[i].shape for i in lo.inputs]
+    # both lowerings compute the model from their attrs alone (folded constants and fusions included)
+    with torch.no_grad():
+        assert torch.allclose(replay_fx(fx, inputs)[0], expected, atol=1e-5)
+    with_data = lower_onnx(path, input_shapes=shapes, load_weights=True)
+    assert with_data.graph.fingerprint == g.fingerprint
+    (got,) = replay_onnx(with_data, [x.numpy() for x in inputs], opset=17)
+    assert np.allclose(got, expected.numpy(), atol=1e-4)
     # Total activation bytes agree within 5%. What remains different: fx's LayerNorm also returns
     # mean and rstd; fx computes the causal mask / position ids at run time where ONNX folded them
     # to constants; ONNX Split copies q, k, v where ATen takes strided views (GPT-2).
@@ -314,7 +395,7 @@ def test_opset11_layernorm_silu_and_dropout(tmp_path):
     evaluation shows it is (x - mean) / sqrt(var + eps) * gamma + beta. SiLU = Sigmoid + Mul becomes
     Swish. Dropout in inference is a view."""
     module, inputs, _ = _transformer_case("bert")
-    old = lower_onnx(export(module, inputs, tmp_path / "bert11.onnx", opset=11))
+    old = lower_onnx(export(module, inputs, tmp_path / "bert11.onnx", opset=11), load_weights=True)
     new = lower_onnx(export(module, inputs, tmp_path / "bert17.onnx"))
     assert len(ops_of(old.graph, "LayerNormalization")) == 5 and not ops_of(old.graph, "ReduceMean")
     assert {o.attrs["attributes"]["epsilon"] for o in ops_of(old.graph, "LayerNormalization")} == \
@@ -322,10 +403,16 @@ def test_opset11_layernorm_silu_and_dropout(tmp_path):
     types = [collections.Counter(o.op_type for o in lo.graph.ops) for lo in (old, new)]
     assert types[0] == types[1]
     assert activation_bytes(old.graph) == activation_bytes(new.graph)
-    silu = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8)).eval()
-    g = lower_onnx(export(silu, (torch.randn(2, 5, 8),), tmp_path / "silu.onnx")).graph
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    assert np.allclose(replay_onnx(old, [x.numpy() for x in inputs], opset=11)[0], expected, atol=1e-4)
+    silu, x = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8)).eval(), torch.randn(2, 5, 8)
+    lo = lower_onnx(export(silu, (x,), tmp_path / "silu.onnx"), load_weights=True)
+    g = lo.graph
     assert [o.op_type for o in g.ops] == ["MatMulAdd", "Swish", "MatMulAdd"]
     assert g.ops[1].attrs["fused_from"] == ["/1/Sigmoid", "/1/Mul"] and g.ops[1].inplace_inputs == g.ops[1].inputs
+    with torch.no_grad():
+        assert np.allclose(replay_onnx(lo, [x.numpy()], opset=17)[0], silu(x).numpy(), atol=1e-5)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph([helper.make_node("Dropout", ["x"], ["d"], name="drop"),
                                helper.make_node("Relu", ["d"], ["y"])], "g", [x],
