@@ -36,7 +36,7 @@ _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "R
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Value:
     shape: tuple[int, ...]
     elem_type: int  # onnx.TensorProto data type
