@@ -5,7 +5,9 @@ An fx op's attrs hold `target` ("aten.convolution.default"), encoded `args` and
 tensor). Binding an op picks, once, the cheapest way to write its outputs:
   direct     a few ops whose out= variant ATen only emulates are rewritten into
              kernels that write the buffer themselves (clone -> copy_, relu ->
-             clamp_min, full -> fill_, embedding -> index_select);
+             clamp_min, full -> fill_, embedding -> index_select, inference
+             batch norm -> native_batch_norm.out, CUDA convolution ->
+             cudnn_convolution.out + bias, as at::convolution does it);
   out        the op's `out=` overload, found from the schema: same arguments plus
              kwarg-only written tensors, one per return (tensor-option kwargs such
              as dtype/device, implied by the buffer, may be dropped);
@@ -18,6 +20,7 @@ Views (outputs that alias an input) are derived by calling the op itself.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -162,33 +165,97 @@ def out_variant(op: torch._ops.OpOverload) -> OutVariant | None:
 
 
 # ------------------------------------------------------------ direct writers
-def _copy_into(args, kwargs, outs):  # aten.copy(self, src): self's shape, src's values
-    outs[0].copy_(args[1])
+# A writer factory gets the op's outputs (indexed by result position) and the device type and
+# returns fn(args, kwargs) writing them, or None when it does not apply there.
+Writer = Callable[[Sequence, dict], None]
 
 
-def _relu(args, kwargs, outs):
-    torch.clamp_min(args[0], 0, out=outs[0])
+def _copy(outs, dev):
+    return lambda a, k: outs[0].copy_(a[0])
+
+
+def _copy_into(outs, dev):  # aten.copy(self, src): self's shape, src's values
+    return lambda a, k: outs[0].copy_(a[1])
+
+
+def _relu(outs, dev):  # ATen's relu is clamp_min(x, 0); its out= variant is only emulated
+    return lambda a, k: torch.clamp_min(a[0], 0, out=outs[0])
 
 
 def _fill(pos: int):
-    def fill(args, kwargs, outs):
-        outs[0].fill_(kwargs["fill_value"] if "fill_value" in kwargs else args[pos])
-    return fill
+    def factory(outs, dev):
+        return lambda a, k: outs[0].fill_(k["fill_value"] if "fill_value" in k else a[pos])
+    return factory
 
 
 def _fill_const(value: float):
-    return lambda args, kwargs, outs: outs[0].fill_(value)
+    return lambda outs, dev: (lambda a, k: outs[0].fill_(value))
 
 
-def _embedding(args, kwargs, outs):
-    weight, indices = args[0], args[1]
-    torch.index_select(weight, 0, indices.reshape(-1), out=outs[0].view(-1, weight.shape[-1]))
+def _embedding(outs, dev):
+    def run(a, k):
+        weight, indices = a[0], a[1]
+        torch.index_select(weight, 0, indices.reshape(-1), out=outs[0].view(-1, weight.shape[-1]))
+    return run
 
 
-_DIRECT: dict[str, Callable[[Sequence, dict, Sequence[torch.Tensor]], None]] = {
-    "aten.clone.default": lambda a, k, o: o[0].copy_(a[0]),
-    "aten._to_copy.default": lambda a, k, o: o[0].copy_(a[0]),
-    "aten.lift_fresh_copy.default": lambda a, k, o: o[0].copy_(a[0]),
+def _batch_norm_inference(outs, dev):
+    """_native_batch_norm_legit_no_training -> native_batch_norm.out (eval). The saved statistics
+    go to scratch tensors of their own: a kernel may resize them, which an arena view must never be."""
+    if len(outs) != 3 or outs[0] is None:
+        return None
+    scratch = [torch.empty(0, device=outs[0].device), torch.empty(0, device=outs[0].device)]
+
+    def run(a, k):
+        x, w, b, mean, var, momentum, eps = a[:7]
+        torch.ops.aten.native_batch_norm.out(x, w, b, mean, var, False, momentum, eps, out=outs[0],
+                                             save_mean=scratch[0], save_invstd=scratch[1])
+    return run
+
+
+def direct_convolution(outs, dev):
+    """CUDA: at::convolution's cuDNN path (cudnn_convolution, then the bias added in place) written
+    straight into the buffer; convolution.out would compute into a temporary and copy. Used when
+    at::convolution itself would pick cuDNN for a plain 2-D convolution; otherwise, or if the call
+    fails, the composite out= kernel."""
+    if dev != "cuda" or len(outs) != 1:
+        return None
+    o = outs[0]
+    state = {"direct": None}
+
+    def usable(x, w, transposed, groups) -> bool:
+        cudnn = torch.backends.cudnn
+        return (cudnn.enabled and cudnn.is_available() and not transposed and x.dim() == 4
+                and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.is_contiguous()
+                and w.is_contiguous() and not (groups > 1 and groups == x.shape[1]))  # depthwise: ATen's own
+
+    def run(a, k):
+        x, w, bias, stride, padding, dilation, transposed, output_padding, groups = a[:9]
+        if state["direct"] is None:
+            state["direct"] = usable(x, w, transposed, groups)
+        if state["direct"]:
+            cudnn = torch.backends.cudnn
+            try:
+                torch.ops.aten.cudnn_convolution.out(
+                    x, w, padding, stride, dilation, groups, cudnn.benchmark,
+                    cudnn.deterministic or torch.are_deterministic_algorithms_enabled(), cudnn.allow_tf32, out=o)
+                if bias is not None:
+                    o.add_(bias.view(1, -1, 1, 1))
+                return
+            except RuntimeError as e:  # this build's cuDNN binding refuses: use ATen's own path from now on
+                state["direct"] = False
+                warnings.warn(f"memplan: cudnn_convolution.out failed ({str(e).splitlines()[0]}); "
+                              "this convolution now computes into a temporary and copies", stacklevel=2)
+        torch.ops.aten.convolution.out(x, w, bias, stride, padding, dilation, transposed, output_padding, groups,
+                                       out=o)
+    return run
+
+
+_DIRECT: dict[str, Callable[[Sequence[torch.Tensor], str], Writer | None]] = {
+    "aten.clone.default": _copy,
+    "aten._to_copy.default": _copy,
+    "aten.lift_fresh_copy.default": _copy,
+    "aten.alias_copy.default": _copy,
     "aten.copy.default": _copy_into,
     "aten.relu.default": _relu,
     "aten.full.default": _fill(1),
@@ -199,6 +266,8 @@ _DIRECT: dict[str, Callable[[Sequence, dict, Sequence[torch.Tensor]], None]] = {
     "aten.ones.default": _fill_const(1.0),
     "aten.ones_like.default": _fill_const(1.0),
     "aten.embedding.default": _embedding,
+    "aten._native_batch_norm_legit_no_training.default": _batch_norm_inference,
+    "aten.convolution.default": direct_convolution,
 }
 
 
@@ -218,11 +287,14 @@ def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequenc
     dynamic = has_dyn(args) or has_dyn(kwargs)
     get_args, get_kwargs = materializer(args), materializer(kwargs)
 
-    if target in _DIRECT and len(outs) == 1:
-        fn = _DIRECT[target]
+    by_position: list = [None] * (max(positions) + 1)
+    for p, o in zip(positions, outs):
+        by_position[p] = o
+    writer = _DIRECT[target](by_position, device_type) if target in _DIRECT else None
+    if writer is not None:
         if dynamic:
-            return Bound(lambda: fn(get_args(dyn), get_kwargs(dyn), outs), "direct")
-        return Bound(lambda: fn(args, kwargs, outs), "direct")
+            return Bound(lambda: writer(get_args(dyn), get_kwargs(dyn)), "direct")
+        return Bound(lambda: writer(args, kwargs), "direct")
 
     variant = out_variant(op)
     if variant is not None and sorted(positions) == list(range(len(op._schema.returns))):
@@ -258,7 +330,7 @@ def derive_views(attrs: dict, args: list, kwargs: dict) -> list[torch.Tensor]:
 
 def check_bytes(name: str, nbytes: int, shape: Sequence[int], dtype: torch.dtype) -> None:
     """A graph lowered with elem_size != the dtype's size cannot be replayed."""
-    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    want = math.prod(shape) * dtype.itemsize
     if nbytes != want:
         raise ReplayError(f"tensor {name!r} has {nbytes} bytes but {tuple(shape)} x {dtype} needs {want}; "
                           "a graph lowered with --elem-size cannot be replayed")

@@ -211,7 +211,7 @@ class Executor:
         t = self.graph.tensors[tid]
         dtype = getattr(torch, t.dtype)
         aten_ops.check_bytes(t.name, t.nbytes, t.shape, dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if offset % itemsize:
             raise ReplayError(f"{t.name!r} at offset {offset} is not aligned to its {itemsize}-byte {t.dtype}")
         inst = self.arena.narrow(0, offset, t.nbytes).view(dtype).view(t.shape)
@@ -289,7 +289,7 @@ class Executor:
             return self._compile_dynamic_view(op)
         reads = [self._region(r, False) for r in dict.fromkeys(g.root(t) for t in op.inputs) if r in self._current]
         if "onnx_op" in op.attrs:
-            ins_by_pos = self._onnx_inputs(op)
+            ins_by_pos, known = self._onnx_inputs(op)
         else:
             args = aten_ops.substitute(aten_ops.decode(op.attrs["args"], self.device), self.get)
             kwargs = aten_ops.substitute(aten_ops.decode_kwargs(op.attrs["kwargs"], self.device), self.get)
@@ -303,7 +303,7 @@ class Executor:
             self._written.append((outs[-1], g.tensors[t].shape))
         if "onnx_op" in op.attrs:
             fn, how = onnx_ops.bind(op.attrs["onnx_op"], dict(op.attrs.get("attributes", {})), ins_by_pos,
-                                    outs, op.name)
+                                    outs, op.name, known)
         else:
             bound = aten_ops.bind_compute(op.name, op.attrs, args, kwargs, outs, self.device.type, self._dyn)
             fn, how = bound.run, bound.how
@@ -314,18 +314,22 @@ class Executor:
         writes = [self._region(t, True) for t in op.outputs]
         return _Step("C", _named(fn, op), reads + writes)
 
-    def _onnx_inputs(self, op) -> list:
+    def _onnx_inputs(self, op) -> tuple[list, frozenset[int]]:
+        """Inputs by ONNX position, and the positions whose values are fixed at init."""
         positions = op.attrs.get("input_positions", list(range(len(op.inputs))))
         consts = {int(k): onnx_ops.const_tensor(v, self.device) for k, v in op.attrs.get("const_inputs", {}).items()}
         n = max([*positions, *consts, -1]) + 1
         ins: list = [None] * n
+        known = set(consts)
         for pos, tid in zip(positions, op.inputs):
             ins[pos] = self.get(tid)
             if isinstance(ins[pos], Dyn):
                 raise ReplayError(f"ONNX op {op.name!r}: per-run weights are not supported")
+            if tid in self._static and not self._counted[tid]:
+                known.add(pos)
         for pos, value in consts.items():
             ins[pos] = value
-        return ins
+        return ins, frozenset(known)
 
     def _compile_dynamic_view(self, op) -> _Step | None:
         base = self.get(self.graph.root(op.outputs[0]))
@@ -356,8 +360,7 @@ class Executor:
             fn = lambda: dst.copy_(get_src())
         else:
             fn = self._transfer(lambda: dst.copy_(get_src(), non_blocking=True))
-        return _Step("T" if self.cuda else "C", fn,
-                     [("offchip", tid, tid + 1, False), self._region(tid, True)])
+        return _Step("T", fn, [("offchip", tid, tid + 1, False), self._region(tid, True)])
 
     def _compile_store(self, tid: int, reloaded: bool) -> _Step:
         src = self._current[tid]
@@ -382,7 +385,7 @@ class Executor:
         host = self._spill[tid]
         self._offchip[tid] = host
         if not self.cuda:
-            return _Step("C", lambda: host.copy_(src), accesses)
+            return _Step("T", lambda: host.copy_(src), accesses)
         return _Step("T", self._transfer(lambda: host.copy_(src, non_blocking=True)), accesses)
 
     def _transfer(self, copy: Callable[[], Any]) -> Callable[[], None]:
@@ -404,23 +407,12 @@ class Executor:
         return transfer
 
     def _schedule(self, steps: list[_Step]) -> tuple[list[Callable[[], None]], int]:
-        """Insert cross-stream event waits: a step waits for the latest step of the other stream
-        that touched an overlapping region, when either writes it. Returns (program, waits)."""
+        """The program: on CUDA each step preceded by its event wait (event_waits) and followed by
+        the record of an event some later step waits for. Returns (program, waits per run)."""
+        self.sync_steps = [(s.stream, s.accesses) for s in steps]  # kept for inspection and tests
         if not self.cuda:
             return [s.fn for s in steps], 0
-        history: dict[str, list[int]] = {"C": [], "T": []}
-        waited = {"C": -1, "T": -1}
-        wait_for: dict[int, int] = {}
-        for i, s in enumerate(steps):
-            other = "T" if s.stream == "C" else "C"
-            for j in reversed(history[other]):
-                if j <= waited[s.stream]:
-                    break
-                if _conflict(s.accesses, steps[j].accesses):
-                    wait_for[i] = j
-                    waited[s.stream] = j
-                    break
-            history[s.stream].append(i)
+        wait_for = event_waits(self.sync_steps)
         events = {j: torch.cuda.Event() for j in set(wait_for.values())}
         program: list[Callable[[], None]] = []
         cell, ts = self._cstream, self._tstream
@@ -437,9 +429,30 @@ class Executor:
         return program, len(wait_for)
 
 
+def event_waits(steps: Sequence[tuple[str, list[Access]]]) -> dict[int, int]:
+    """step -> the step of the other stream it must wait for: the latest one that touched an
+    overlapping region (arena bytes or an off-chip copy) where either of the two writes it.
+    Streams run in order, so one wait covers everything before it on that stream, and a wait
+    already implied by an earlier one is left out."""
+    history: dict[str, list[int]] = {"C": [], "T": []}
+    waited = {"C": -1, "T": -1}  # latest step of the other stream each stream has waited for
+    wait_for: dict[int, int] = {}
+    for i, (stream, accesses) in enumerate(steps):
+        other = "T" if stream == "C" else "C"
+        for j in reversed(history[other]):
+            if j <= waited[stream]:
+                break
+            if _conflict(accesses, steps[j][1]):
+                wait_for[i] = waited[stream] = j
+                break
+        history[stream].append(i)
+    return wait_for
+
+
 def _conflict(a: list[Access], b: list[Access]) -> bool:
-    return any(sa == sb and lo < hb and la < hi and (wa or wb)
-               for sa, la, hi, wa in a for sb, lo, hb, wb in b)
+    """Some byte both touch, and one of them writes it."""
+    return any(space_a == space_b and lo_a < hi_b and lo_b < hi_a and (write_a or write_b)
+               for space_a, lo_a, hi_a, write_a in a for space_b, lo_b, hi_b, write_b in b)
 
 
 def _named(fn: Callable[[], None], op) -> Callable[[], None]:

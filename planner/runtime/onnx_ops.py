@@ -21,10 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from planner.runtime import aten_ops
 from planner.runtime.aten_ops import ReplayError
 
 Closure = Callable[[], None]
-Binder = Callable[[str, list, list, dict, str], tuple[Closure, str]]  # (op, ins, outs, attributes, node)
+# (op, ins, outs, attributes, node, known): `known` holds the input positions whose values are fixed at
+# init (constants and weights outside the arena); only those may be read while binding
+Binder = Callable[[str, list, list, dict, str, frozenset], tuple[Closure, str]]
 TABLE: dict[str, Binder] = {}
 
 
@@ -40,11 +43,12 @@ def supported_ops() -> list[str]:
     return sorted(TABLE)
 
 
-def bind(op_type: str, attributes: dict, ins: list, outs: list, node: str) -> tuple[Closure, str]:
+def bind(op_type: str, attributes: dict, ins: list, outs: list, node: str,
+         known: frozenset[int] = frozenset()) -> tuple[Closure, str]:
     if op_type not in TABLE:
         raise ReplayError(f"ONNX op {op_type!r} (node {node!r}) has no replay kernel; "
                           f"supported: {', '.join(supported_ops())}")
-    return TABLE[op_type](op_type, ins, outs, attributes, node)
+    return TABLE[op_type](op_type, ins, outs, attributes, node, known)
 
 
 def view(op_type: str, x: torch.Tensor, out_shape: Sequence[int]) -> torch.Tensor:
@@ -78,6 +82,14 @@ def _opt(ins: list, i: int):
     return ins[i] if i < len(ins) else None
 
 
+def _known(ins: list, i: int, known: frozenset[int], node: str):
+    """Input i when its value is fixed at init (None when absent); a run-time value is an error."""
+    x = _opt(ins, i)
+    if x is not None and i not in known:
+        raise ReplayError(f"node {node!r}: input {i} must be a constant or a weight (it is computed at run time)")
+    return x
+
+
 def _attr_float(a: dict, key: str, default: float) -> float:
     v = a.get(key, default)
     return float(v["float"]) if isinstance(v, dict) else float(v)
@@ -99,13 +111,13 @@ _BINARY = {
 
 
 @_register(*_UNARY)
-def _unary(op, ins, outs, a, node):
+def _unary(op, ins, outs, a, node, known):
     fn, x, o = _UNARY[op], ins[0], outs[0]
     return (lambda: fn(x, out=o)), "out"
 
 
 @_register(*_BINARY)
-def _binary(op, ins, outs, a, node):
+def _binary(op, ins, outs, a, node, known):
     xs, o = [x for x in ins if x is not None], outs[0]
     if len(xs) == 1:  # variadic Max/Min/Sum of one input
         x = xs[0]
@@ -120,13 +132,13 @@ def _binary(op, ins, outs, a, node):
             o.copy_(acc)
         return many, "fallback"
     fn, x, y = _BINARY[op], xs[0], xs[1]
-    if op == "Pow" and y.dim() == 0:
+    if op == "Pow" and y.dim() == 0 and 1 in known:
         y = y.item()
     return (lambda: fn(x, y, out=o)), "out"
 
 
 @_register("Div")
-def _div(op, ins, outs, a, node):
+def _div(op, ins, outs, a, node, known):
     x, y, o = ins[0], ins[1], outs[0]
     if o.dtype.is_floating_point:
         return (lambda: torch.div(x, y, out=o)), "out"
@@ -134,22 +146,22 @@ def _div(op, ins, outs, a, node):
 
 
 @_register("Relu")
-def _relu(op, ins, outs, a, node):
+def _relu(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     return (lambda: torch.clamp_min(x, 0, out=o)), "out"
 
 
 @_register("LeakyRelu")
-def _leaky(op, ins, outs, a, node):
+def _leaky(op, ins, outs, a, node, known):
     x, o, alpha = ins[0], outs[0], _attr_float(a, "alpha", 0.01)
     return (lambda: torch.ops.aten.leaky_relu.out(x, alpha, out=o)), "out"
 
 
 @_register("Clip")
-def _clip(op, ins, outs, a, node):
+def _clip(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
-    lo = _scalar(_opt(ins, 1)) if _opt(ins, 1) is not None else a.get("min")
-    hi = _scalar(_opt(ins, 2)) if _opt(ins, 2) is not None else a.get("max")
+    lo = _scalar(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("min")
+    hi = _scalar(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else a.get("max")
     lo = float(lo["float"]) if isinstance(lo, dict) else lo
     hi = float(hi["float"]) if isinstance(hi, dict) else hi
     if lo is None and hi is None:
@@ -158,7 +170,7 @@ def _clip(op, ins, outs, a, node):
 
 
 @_register("HardSigmoid")
-def _hardsigmoid(op, ins, outs, a, node):
+def _hardsigmoid(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     alpha, beta = _attr_float(a, "alpha", 0.2), _attr_float(a, "beta", 0.5)
 
@@ -169,19 +181,19 @@ def _hardsigmoid(op, ins, outs, a, node):
 
 
 @_register("HardSwish")
-def _hardswish(op, ins, outs, a, node):
+def _hardswish(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     return (lambda: torch.ops.aten.hardswish.out(x, out=o)), "out"
 
 
 @_register("Gelu")
-def _gelu(op, ins, outs, a, node):
+def _gelu(op, ins, outs, a, node, known):
     x, o, approx = ins[0], outs[0], a.get("approximate", "none")
     return (lambda: torch.ops.aten.gelu.out(x, approximate=approx, out=o)), "out"
 
 
 @_register("Swish")
-def _swish(op, ins, outs, a, node):
+def _swish(op, ins, outs, a, node, known):
     x, o, alpha = ins[0], outs[0], _attr_float(a, "alpha", 1.0)
     if alpha == 1.0:
         return (lambda: torch.ops.aten.silu.out(x, out=o)), "out"
@@ -189,13 +201,13 @@ def _swish(op, ins, outs, a, node):
 
 
 @_register("Where")
-def _where(op, ins, outs, a, node):
+def _where(op, ins, outs, a, node, known):
     c, x, y, o = ins[0], ins[1], ins[2], outs[0]
     return (lambda: torch.where(c, x, y, out=o)), "out"
 
 
 @_register("Cast", "Identity", "Dropout", "Expand", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
-def _copy(op, ins, outs, a, node):
+def _copy(op, ins, outs, a, node, known):
     # a copy into a buffer of its own (views are handled by `view`); copy_ broadcasts for Expand
     x, o = ins[0], outs[0]
     if x.numel() == o.numel() and x.shape != o.shape:
@@ -224,7 +236,7 @@ def _conv_pads(a: dict, x: torch.Tensor, w: torch.Tensor, nd: int, transposed: b
 
 
 @_register("Conv", "ConvTranspose")
-def _conv(op, ins, outs, a, node):
+def _conv(op, ins, outs, a, node, known):
     x, w, b, o = ins[0], ins[1], _opt(ins, 2), outs[0]
     transposed = op == "ConvTranspose"
     nd = w.dim() - 2
@@ -236,6 +248,10 @@ def _conv(op, ins, outs, a, node):
     how = "out" if _native(conv, o) else "composite"
     if pads[:nd] == pads[nd:]:
         p = pads[:nd]
+        direct = aten_ops.direct_convolution([o], o.device.type)  # CUDA: cuDNN into the buffer
+        if direct is not None:
+            args = (x, w, b, strides, p, dil, transposed, out_pad, group)
+            return (lambda: direct(args, {})), "out"
         return (lambda: conv(x, w, b, strides, p, dil, transposed, out_pad, group, out=o)), how
     if transposed:
         raise ReplayError(f"ConvTranspose node {node!r} has asymmetric pads {pads}; not supported")
@@ -251,7 +267,7 @@ def _native(op, o: torch.Tensor) -> bool:
 
 
 @_register("Gemm")
-def _gemm(op, ins, outs, a, node):
+def _gemm(op, ins, outs, a, node, known):
     x, y, c, o = ins[0], ins[1], _opt(ins, 2), outs[0]
     x = x.t() if a.get("transA", 0) else x
     y = y.t() if a.get("transB", 0) else y
@@ -266,13 +282,13 @@ def _gemm(op, ins, outs, a, node):
 
 
 @_register("MatMul")
-def _matmul(op, ins, outs, a, node):
+def _matmul(op, ins, outs, a, node, known):
     x, y, o = ins[0], ins[1], outs[0]
     return (lambda: torch.matmul(x, y, out=o)), "out"
 
 
 @_register("MatMulAdd")  # memplan::MatMulAdd(A, B, C) = A @ B + C (frontends.onnx_fuse)
-def _matmul_add(op, ins, outs, a, node):
+def _matmul_add(op, ins, outs, a, node, known):
     x, y, c, o = ins[0], ins[1], ins[2], outs[0]
 
     def run():
@@ -282,24 +298,34 @@ def _matmul_add(op, ins, outs, a, node):
 
 
 @_register("BatchNormalization")
-def _batchnorm(op, ins, outs, a, node):
+def _batchnorm(op, ins, outs, a, node, known):
     if len(outs) != 1 or a.get("training_mode", 0):
         raise ReplayError(f"BatchNormalization node {node!r} in training mode is not supported")
     x, scale, bias, mean, var = ins[:5]
     o, eps = outs[0], _attr_float(a, "epsilon", 1e-5)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    # y = x * k + c, folded once: the same terms ATen's inference kernel computes
-    k = (scale / torch.sqrt(var + eps)).reshape(shape)
-    c = (bias - mean * scale / torch.sqrt(var + eps)).reshape(shape)
 
-    def run():
+    def terms():  # y = x * k + c: the same terms ATen's inference kernel computes
+        k = scale / torch.sqrt(var + eps)
+        return k.reshape(shape), (bias - mean * k).reshape(shape)
+
+    if {1, 2, 3, 4} <= known:  # weights outside the arena: fold once
+        k, c = terms()
+
+        def run():
+            torch.mul(x, k, out=o)
+            o.add_(c)
+        return run, "out"
+
+    def run_loaded():  # weights streamed through the arena: their values exist only at run time
+        k, c = terms()
         torch.mul(x, k, out=o)
         o.add_(c)
-    return run, "out"
+    return run_loaded, "out"
 
 
 @_register("LayerNormalization")
-def _layernorm(op, ins, outs, a, node):
+def _layernorm(op, ins, outs, a, node, known):
     if len(outs) != 1:
         raise ReplayError(f"LayerNormalization node {node!r}: only the normalised output is supported")
     x, w, b, o = ins[0], _opt(ins, 1), _opt(ins, 2), outs[0]
@@ -309,7 +335,7 @@ def _layernorm(op, ins, outs, a, node):
 
 
 @_register("Softmax", "LogSoftmax")
-def _softmax(op, ins, outs, a, node):
+def _softmax(op, ins, outs, a, node, known):
     x, o, axis = ins[0], outs[0], int(a.get("axis", -1))
     fn = torch.ops.aten._softmax.out if op == "Softmax" else torch.ops.aten._log_softmax.out
     return (lambda: fn(x, axis, False, out=o)), "out"
@@ -328,7 +354,7 @@ def _pool_args(a: dict, nd: int, node: str) -> tuple[list[int], list[int], list[
 
 
 @_register("MaxPool")
-def _maxpool(op, ins, outs, a, node):
+def _maxpool(op, ins, outs, a, node, known):
     if len(outs) != 1:
         raise ReplayError(f"MaxPool node {node!r}: the Indices output is not supported")
     x, o = ins[0], outs[0]
@@ -340,7 +366,7 @@ def _maxpool(op, ins, outs, a, node):
 
 
 @_register("AveragePool")
-def _avgpool(op, ins, outs, a, node):
+def _avgpool(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     nd = x.dim() - 2
     k, s, p, ceil = _pool_args(a, nd, node)
@@ -353,7 +379,7 @@ def _avgpool(op, ins, outs, a, node):
 
 
 @_register("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(op, ins, outs, a, node):
+def _global_pool(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     dims = tuple(range(2, x.dim()))
     if op == "GlobalAveragePool":
@@ -362,9 +388,9 @@ def _global_pool(op, ins, outs, a, node):
 
 
 @_register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
-def _reduce(op, ins, outs, a, node):
+def _reduce(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
-    axes = _ints(_opt(ins, 1)) if _opt(ins, 1) is not None else a.get("axes")
+    axes = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("axes")
     keep = bool(a.get("keepdims", 1))
     if not axes:
         if a.get("noop_with_empty_axes", 0):
@@ -378,13 +404,13 @@ def _reduce(op, ins, outs, a, node):
 
 # ------------------------------------------------------------------ data movement
 @_register("Concat")
-def _concat(op, ins, outs, a, node):
+def _concat(op, ins, outs, a, node, known):
     xs, o, axis = [x for x in ins if x is not None], outs[0], int(a["axis"])
     return (lambda: torch.cat(xs, axis, out=o)), "out"
 
 
 @_register("Transpose")
-def _transpose(op, ins, outs, a, node):
+def _transpose(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     perm = list(a.get("perm", reversed(range(x.dim()))))
     v = x.permute(perm)
@@ -392,12 +418,12 @@ def _transpose(op, ins, outs, a, node):
 
 
 @_register("Slice")
-def _slice(op, ins, outs, a, node):
+def _slice(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
-    starts = _ints(_opt(ins, 1)) if _opt(ins, 1) is not None else a["starts"]
-    ends = _ints(_opt(ins, 2)) if _opt(ins, 2) is not None else a["ends"]
-    axes = _ints(_opt(ins, 3)) if _opt(ins, 3) is not None else a.get("axes", list(range(len(starts))))
-    steps = _ints(_opt(ins, 4)) if _opt(ins, 4) is not None else [1] * len(starts)
+    starts = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a["starts"]
+    ends = _ints(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else a["ends"]
+    axes = _ints(_known(ins, 3, known, node)) if _opt(ins, 3) is not None else a.get("axes", list(range(len(starts))))
+    steps = _ints(_known(ins, 4, known, node)) if _opt(ins, 4) is not None else [1] * len(starts)
     index: list[Any] = [slice(None)] * x.dim()
     for st, en, ax, sp in zip(starts, ends, axes, steps):
         if sp <= 0:
@@ -408,11 +434,11 @@ def _slice(op, ins, outs, a, node):
 
 
 @_register("Gather")
-def _gather(op, ins, outs, a, node):
+def _gather(op, ins, outs, a, node, known):
     x, idx, o = ins[0], ins[1], outs[0]
     axis = int(a.get("axis", 0)) % x.dim()
     n = x.shape[axis]
-    if idx.dim() == 0:
+    if idx.dim() == 0 and 1 in known:
         v = x.select(axis, int(idx.item()) % n)
         return (lambda: o.copy_(v)), "out"
     flat_out = o.view(tuple(x.shape[:axis]) + (idx.numel(),) + tuple(x.shape[axis + 1:]))
@@ -425,10 +451,10 @@ def _gather(op, ins, outs, a, node):
 
 
 @_register("Split")
-def _split(op, ins, outs, a, node):
+def _split(op, ins, outs, a, node, known):
     x = ins[0]
     axis = int(a.get("axis", 0)) % x.dim()
-    sizes = _ints(_opt(ins, 1)) if _opt(ins, 1) is not None else a.get("split")
+    sizes = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("split")
     if sizes is None:
         n = len(outs)
         chunk = -(-x.shape[axis] // n)
@@ -446,12 +472,12 @@ def _split(op, ins, outs, a, node):
 
 
 @_register("Pad")
-def _pad(op, ins, outs, a, node):
+def _pad(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     if a.get("mode", "constant") != "constant":
         raise ReplayError(f"Pad node {node!r}: mode {a['mode']!r} is not supported")
-    pads = _ints(_opt(ins, 1)) if _opt(ins, 1) is not None else a["pads"]
-    value = _scalar(_opt(ins, 2)) if _opt(ins, 2) is not None else 0
+    pads = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a["pads"]
+    value = _scalar(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else 0
     nd = x.dim()
     if len(pads) != 2 * nd or min(pads) < 0:
         raise ReplayError(f"Pad node {node!r}: pads {pads} (axes input or negative pads) not supported")
@@ -464,7 +490,7 @@ def _pad(op, ins, outs, a, node):
 
 
 @_register("ConstantOfShape")
-def _constant_of_shape(op, ins, outs, a, node):
+def _constant_of_shape(op, ins, outs, a, node, known):
     o = outs[0]
     enc = a.get("value")
     value = _floats(enc["value"])[0] if isinstance(enc, dict) else 0
@@ -472,7 +498,7 @@ def _constant_of_shape(op, ins, outs, a, node):
 
 
 @_register("Resize", "Upsample")
-def _resize(op, ins, outs, a, node):
+def _resize(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     mode = a.get("mode", "nearest")
     coord = a.get("coordinate_transformation_mode", "half_pixel")
@@ -497,16 +523,16 @@ def _resize(op, ins, outs, a, node):
 
 
 @_register("CumSum")
-def _cumsum(op, ins, outs, a, node):
+def _cumsum(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
-    axis = int(_scalar(ins[1]))
+    axis = int(_scalar(_known(ins, 1, known, node)))
     if a.get("exclusive", 0) or a.get("reverse", 0):
         raise ReplayError(f"CumSum node {node!r}: exclusive / reverse are not supported")
     return (lambda: torch.cumsum(x, axis, out=o)), "out"
 
 
 @_register("ArgMax", "ArgMin")
-def _argmax(op, ins, outs, a, node):
+def _argmax(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     axis, keep = int(a.get("axis", 0)), bool(a.get("keepdims", 1))
     fn = torch.argmax if op == "ArgMax" else torch.argmin
@@ -514,12 +540,12 @@ def _argmax(op, ins, outs, a, node):
 
 
 @_register("Tile")
-def _tile(op, ins, outs, a, node):
-    x, o, reps = ins[0], outs[0], _ints(ins[1])
+def _tile(op, ins, outs, a, node, known):
+    x, o, reps = ins[0], outs[0], _ints(_known(ins, 1, known, node))
     return (lambda: o.copy_(x.repeat(reps))), "fallback"
 
 
 @_register("Einsum")
-def _einsum(op, ins, outs, a, node):
+def _einsum(op, ins, outs, a, node, known):
     xs, o, eq = [x for x in ins if x is not None], outs[0], a["equation"]
     return (lambda: o.copy_(torch.einsum(eq, *xs))), "fallback"
