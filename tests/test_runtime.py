@@ -144,6 +144,16 @@ def test_hand_made_plan_with_reload_and_recompute():
     assert (ex.stats.loads, ex.stats.stores, ex.stats.kernels, ex.stats.views) == (2, 2, 5, 2)
 
 
+def test_output_views_point_into_the_arena():
+    lowered, module, inputs = zoo("gpt2")
+    plan = plan_graph(lowered.graph, T64, planner="baseline")
+    ex = Executor.from_lowered(lowered, plan, output_views=True)
+    (logits,) = ex.run(*inputs)
+    assert ex.stats.output_views == 1
+    assert ex.arena.data_ptr() <= logits.data_ptr() < ex.arena.data_ptr() + ex.arena_bytes
+    assert max_rel_error((logits,), eager(module, inputs)) <= 1e-5
+
+
 def test_wrong_input_shape_and_foreign_plan_are_rejected():
     lowered, _, inputs = zoo("unet")
     plan = plan_graph(lowered.graph, T64, planner="baseline")
@@ -298,6 +308,7 @@ def test_backend_training_equals_eager(cls, shape, cache_dir):
     for (n, b), c in zip(ref_model.named_buffers(), model.buffers()):
         assert torch.allclose(b.double(), c.double(), rtol=1e-5, atol=0), n
     assert len(cache_dir) == 2  # forward and backward graphs, each planned and replayed
+    assert cache_dir[0].stats.loads == 1  # the forward graph reads parameters and buffers in place
 
 
 def test_backend_plan_cache_skips_the_solver(cache_dir, tmp_path):

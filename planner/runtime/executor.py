@@ -8,7 +8,8 @@ size) is allocated once, and the instruction list is compiled into closures:
            buffer instance of their root (a reload to a new offset is a new instance);
            an in-place takeover needs nothing, the output view is the input's memory;
   load     copy from the off-chip copy (call input, weight, spill buffer) into the arena;
-  store    graph outputs: a fresh device tensor (what run() returns);
+  store    graph outputs: a fresh device tensor (what run() returns), or with output_views=True
+           the arena view itself where no later step reuses its bytes (valid until the next run);
            spills: a copy into a pinned host buffer allocated once at init;
   free     nothing at run time (offsets are fixed by the plan).
 On CUDA, loads and spill stores run on a transfer stream of their own. Waits are
@@ -51,6 +52,7 @@ class ExecutorStats:
     load_bytes: int
     store_bytes: int
     waits: int  # cross-stream event waits per run (CUDA)
+    output_views: int  # outputs returned as arena views (output_views=True and no later step reuses their bytes)
 
 
 class _Flags:
@@ -71,8 +73,9 @@ class _Step:
 class Executor:
     def __init__(self, graph: LifetimeGraph, plan: Plan, weights: Mapping[str, Any] | None = None,
                  device: str | torch.device = "cpu", *, inputs: Sequence[int] | None = None,
-                 outputs: Sequence[int] | None = None) -> None:
+                 outputs: Sequence[int] | None = None, output_views: bool = False) -> None:
         self.graph = graph
+        self.output_views = output_views  # return outputs as arena views, valid until the next run
         self.plan = check(graph, plan)  # never replay a plan the checker rejects
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -101,7 +104,7 @@ class Executor:
         self._instances: list[torch.Tensor] = []  # keeps instances alive so their ids stay unique
         self._written: list[tuple[torch.Tensor, tuple[int, ...]]] = []  # (instance, shape) checked after run 1
         self._counts = dict(kernels=0, out_kernels=0, composite_out=0, fallback_copies=0, views=0, loads=0,
-                            stores=0, load_bytes=0, store_bytes=0)
+                            stores=0, load_bytes=0, store_bytes=0, output_views=0)
         steps = self._compile()
         self._program, waits = self._schedule(steps)
         self.stats = ExecutorStats(arena_bytes=self.arena_bytes, waits=waits, **self._counts)
@@ -109,9 +112,11 @@ class Executor:
         self._arena_ptr = self.arena.data_ptr()
 
     @classmethod
-    def from_lowered(cls, lowered, plan: Plan, device: str | torch.device = "cpu") -> Executor:
+    def from_lowered(cls, lowered, plan: Plan, device: str | torch.device = "cpu", *,
+                     output_views: bool = False) -> Executor:
         """An executor for a frontends.Lowered (its weights, inputs and outputs in call order)."""
-        return cls(lowered.graph, plan, lowered.weights, device, inputs=lowered.inputs, outputs=lowered.outputs)
+        return cls(lowered.graph, plan, lowered.weights, device, inputs=lowered.inputs, outputs=lowered.outputs,
+                   output_views=output_views)
 
     # ------------------------------------------------------------ run time
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -265,7 +270,8 @@ class Executor:
     def _compile(self) -> list[_Step]:
         steps: list[_Step] = []
         loaded_later = {i.ref for i in self.plan.instructions if i.kind == "load"}
-        for ins in self.plan.instructions:
+        for step_index, ins in enumerate(self.plan.instructions):
+            self._step_index = step_index
             if ins.kind == "compute":
                 step = self._compile_compute(self.graph.ops[ins.ref], ins.offsets)
             elif ins.kind == "load":
@@ -371,6 +377,12 @@ class Executor:
             slot = self._output_slots.setdefault(tid, self._new_slot())
             self._offchip[tid] = Dyn(slot)
             dyn, ts = self._dyn, self._tstream
+            if self.output_views and self._untouched_after(tid, self._step_index):
+                self._counts["output_views"] += 1
+
+                def store_view() -> None:
+                    dyn[slot] = src
+                return _Step("C", store_view, accesses)
 
             def store_output() -> None:
                 out = src.clone()
@@ -387,6 +399,11 @@ class Executor:
         if not self.cuda:
             return _Step("T", lambda: host.copy_(src), accesses)
         return _Step("T", self._transfer(lambda: host.copy_(src, non_blocking=True)), accesses)
+
+    def _untouched_after(self, tid: int, step: int) -> bool:
+        """No buffer allocated after `step` overlaps tid's bytes: its arena view stays valid to the end."""
+        _, lo, hi, _ = self._region(tid, False)
+        return not any(b.start > step and b.offset < hi and lo < b.offset + b.size for b in self.plan.buffers)
 
     def _transfer(self, copy: Callable[[], Any]) -> Callable[[], None]:
         """A copy on the transfer stream, skippable and timed on request (measure_overlap)."""

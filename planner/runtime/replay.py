@@ -74,10 +74,11 @@ def max_rel_error(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Ten
 
 
 def replay(lowered, plan: Plan, inputs: Sequence[torch.Tensor], device: str = "cpu", runs: int = 5,
-           reference: Sequence[torch.Tensor] | None = None) -> ReplayReport:
-    """Run `plan` for `lowered` (a frontends.Lowered) on `device` and measure it."""
+           reference: Sequence[torch.Tensor] | None = None, output_views: bool = False) -> ReplayReport:
+    """Run `plan` for `lowered` (a frontends.Lowered) on `device` and measure it. With output_views
+    the outputs are arena views where the plan allows (see Executor), not fresh tensors."""
     dev = torch.device(device)
-    ex = Executor.from_lowered(lowered, plan, dev)
+    ex = Executor.from_lowered(lowered, plan, dev, output_views=output_views)
     xs = tuple(x.to(dev) for x in inputs)
     cuda = dev.type == "cuda"
     outs = ex.run(*xs)  # warm-up: kernels load, allocator caches fill
