@@ -203,6 +203,39 @@ def test_onnx_cnn_replays(cnn_onnx):
     assert {"Conv", "MaxPool", "Concat", "Gemm", "Softmax"} <= types
 
 
+class Mixer(nn.Module):
+    """Exercises the ONNX table beyond CNNs: normalisation, slicing, gathers, selects, reductions, resize."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.register_buffer("table", torch.randn(10, 16))
+
+    def forward(self, x, idx):
+        h = nn.functional.gelu(self.fc(self.norm(x)))
+        t = h.transpose(1, 2)[:, 2:10, 1:7]
+        a, b = t.split([3, 5], dim=1)
+        w = torch.where(a > 0, a, a * 0.5).pow(2).sqrt()
+        m = w.mean(dim=-1, keepdim=True) / (b.abs().sum(1, keepdim=True) + 1)
+        up = nn.functional.interpolate(t.unsqueeze(1), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return (m.double().float() * 2 - 1, self.table[idx].expand(3, 4, 16) + 0, up,
+                torch.cat([a, b], 1).flatten(1).softmax(-1))
+
+
+def test_onnx_table_beyond_cnns(tmp_path):
+    torch.manual_seed(0)
+    module, x, idx = Mixer().eval(), torch.randn(3, 12, 16), torch.tensor([[1, 2, 3, 9]] * 3)
+    path = str(tmp_path / "mixer.onnx")
+    torch.onnx.export(module, (x, idx), path, dynamo=False, opset_version=17, input_names=["x", "idx"])
+    lowered = lower_onnx(path, load_weights=True)
+    assert {"LayerNormalization", "MatMulAdd", "Gelu", "Transpose", "Slice", "Split", "Gather", "Where", "Pow",
+            "Sqrt", "ReduceMean", "ReduceSum", "Div", "Resize", "Expand", "Concat", "Cast", "Softmax"} <= {
+        o.op_type for o in lowered.graph.ops}
+    ex = Executor.from_lowered(lowered, plan_graph(lowered.graph, T64, planner="baseline"))
+    assert max_rel_error(ex.run(x, idx), eager(module, (x, idx))) <= 1e-5
+
+
 def test_onnx_unknown_op_names_op_and_node(cnn_onnx):
     _, _, path = cnn_onnx
     lowered = lower_onnx(path, load_weights=True)

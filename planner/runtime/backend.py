@@ -129,7 +129,9 @@ def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
         if not opts.fallback:
             raise
         STATS["eager_fallbacks"] += 1
-        print(f"memplan: {name}: {e}; running this graph eagerly", file=sys.stderr)
+        symbolic = any(not isinstance(x, torch.Tensor) for x in example_inputs)
+        hint = " (symbolic shapes: torch.compile(..., dynamic=False) plans static ones)" if symbolic else ""
+        print(f"memplan: {name}: {e}; running this graph eagerly{hint}", file=sys.stderr)
         runner = gm.forward
     if not boxed:
         return runner
