@@ -7,7 +7,8 @@ tensor). Binding an op picks, once, the cheapest way to write its outputs:
              kernels that write the buffer themselves (clone -> copy_, relu ->
              clamp_min, full -> fill_, embedding -> index_select, inference
              batch norm -> native_batch_norm.out, CUDA convolution ->
-             cudnn_convolution.out + bias, as at::convolution does it);
+             cudnn_convolution.out + bias, as at::convolution does it,
+             values-only max-pool -> max_pool*_with_indices.out);
   out        the op's `out=` overload, found from the schema: same arguments plus
              kwarg-only written tensors, one per return (tensor-option kwargs such
              as dtype/device, implied by the buffer, may be dropped);
@@ -213,6 +214,18 @@ def _batch_norm_inference(outs, dev):
     return run
 
 
+def _max_pool_values(with_indices: str):
+    """max_pool{2,3}d without indices (frontends.fx_inference drops unread ones): the *_with_indices.out
+    kernel writes the values into the buffer, its indices go to a workspace freed at once (ATen has no
+    values-only kernel on CUDA; at::max_pool2d allocates the same there)."""
+    kernel = getattr(torch.ops.aten, with_indices).out
+
+    def factory(outs, dev):
+        o = outs[0]
+        return lambda a, k: kernel(*a, **k, out=o, indices=torch.empty(o.shape, dtype=torch.int64, device=o.device))
+    return factory
+
+
 def direct_convolution(outs, dev):
     """CUDA: at::convolution's cuDNN path (cudnn_convolution, then the bias added in place) written
     straight into the buffer; convolution.out would compute into a temporary and copy. Used when
@@ -268,6 +281,8 @@ _DIRECT: dict[str, Callable[[Sequence[torch.Tensor], str], Writer | None]] = {
     "aten.embedding.default": _embedding,
     "aten._native_batch_norm_legit_no_training.default": _batch_norm_inference,
     "aten.convolution.default": direct_convolution,
+    "aten.max_pool2d.default": _max_pool_values("max_pool2d_with_indices"),
+    "aten.max_pool3d.default": _max_pool_values("max_pool3d_with_indices"),
 }
 
 

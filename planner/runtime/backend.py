@@ -145,61 +145,27 @@ def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
 
 
 def _build_runner(gm, example_inputs, opts: BackendOptions, static: set[int], name: str) -> Callable:
-    from frontends.fx import lower_graph_module
-
-    kept_gm, template = _tensor_outputs_only(gm)
-    lowered = lower_graph_module(kept_gm, example_inputs, name=name)
-    lowered = _mark_weights(lowered, static)
-    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    plan = plan_cached(lowered.graph, opts, device)
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from frontends.fx import lower_graph_module
+
+    lowered = lower_graph_module(gm, example_inputs, name=name, weight_inputs=static)
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    plan = plan_cached(lowered.graph, opts, device)
     with unset_fake_temporarily():  # AOT compiles under a fake mode; the arena must be real memory
         ex = Executor.from_lowered(lowered, plan, device)
-    if template is None:
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
-            return lambda *args: ex.run(*args)[0]
-        return ex.run
-
-    def run(*args):
-        outs = iter(ex.run(*args))
-        return tuple(next(outs) if slot is _TENSOR else slot for slot in template)
-    return run
-
-
-_TENSOR = object()  # marks a tensor position in an output template
-
-
-def _tensor_outputs_only(gm: torch.fx.GraphModule):
-    """The graph with only its tensor outputs (AOT backward graphs return None for inputs without
-    gradients), and a template to put the others back; (gm, None) when nothing was removed."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    values = out_node.args[0]
-    if not isinstance(values, (tuple, list)):
-        return gm, None
-    is_tensor = [isinstance(v, torch.fx.Node) for v in values]
-    if all(is_tensor):
-        return gm, None
-    graph = torch.fx.Graph()
-    val_map: dict = {}
-    mapped = graph.graph_copy(gm.graph, val_map)
-    graph.output(tuple(m for m, t in zip(mapped, is_tensor) if t))
-    template = [_TENSOR if t else v for v, t in zip(values, is_tensor)]
-    return torch.fx.GraphModule(gm, graph), template
+    if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
+        return lambda *args: ex.run(*args)[0]
+    constants = dict(getattr(lowered, "output_constants", {}))
+    if not constants:
+        return ex.run
+    n = len(lowered.outputs) + len(constants)
 
-
-def _mark_weights(lowered, static: set[int]):
-    """Turn the static call inputs into weights (read in place, never copied into the arena)."""
-    ids = {lowered.inputs[i] for i in static if i < len(lowered.inputs)}
-    g = lowered.graph
-    ids = {t for t in ids if g.tensors[t].kind == "input"}
-    if not ids:
-        return lowered
-    tensors = tuple(dataclasses.replace(t, kind="weight") if t.id in ids else t for t in g.tensors)
-    ops = tuple(dataclasses.replace(o, inplace_inputs=tuple(i for i in o.inplace_inputs if i not in ids))
-                for o in g.ops)
-    return dataclasses.replace(lowered, graph=LifetimeGraph(g.name, tensors, ops))
+    def run(*args):  # non-tensor returns (AOT backward: None for inputs without gradients) put back
+        tensors = iter(ex.run(*args))
+        return tuple(constants[i] if i in constants else next(tensors) for i in range(n))
+    return run
 
 
 # ------------------------------------------------------------------ plans and the cache

@@ -260,7 +260,7 @@ class Executor:
             x = self.get(op.inputs[0])
             if isinstance(x, Dyn):
                 raise ReplayError(f"ONNX view {op.name!r} of a per-run value is not supported")
-            return [onnx_ops.view(op.op_type, x, self.graph.tensors[op.outputs[0]].shape)]
+            return onnx_ops.view_outputs(op.attrs, x, [self.graph.tensors[t].shape for t in op.outputs])
         args = aten_ops.substitute(aten_ops.decode(op.attrs["args"], self.device), self.get)
         kwargs = aten_ops.substitute(aten_ops.decode_kwargs(op.attrs["kwargs"], self.device), self.get)
         if not (aten_ops.has_dyn(args) or aten_ops.has_dyn(kwargs)):

@@ -56,6 +56,25 @@ def view(op_type: str, x: torch.Tensor, out_shape: Sequence[int]) -> torch.Tenso
     return x if op_type == "Identity" else x.view(tuple(out_shape))
 
 
+def view_outputs(attrs: dict, x: torch.Tensor, out_shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The outputs of an ONNX op lowered as views of x (frontends.onnx_layout decides which are):
+    Transpose permutes, Split narrows (the node's present outputs), the reshapes view."""
+    op, a = attrs["onnx_op"], attrs.get("attributes", {})
+    if op == "Transpose":
+        return [x.permute(list(a.get("perm", reversed(range(x.dim())))))]
+    if op == "Split":
+        axis = int(a.get("axis", 0)) % x.dim()
+        positions = attrs.get("output_positions", list(range(len(out_shapes))))
+        sizes = attrs.get("const_inputs", {}).get("1", {}).get("value") or a.get("split")
+        if sizes is None:  # equal pieces, the last one smaller
+            n = int(a.get("num_outputs", max(positions) + 1))
+            pieces = torch.split(x, -(-x.shape[axis] // n), axis)
+        else:
+            pieces = torch.split(x, [int(v) for v in sizes], axis)
+        return [pieces[p] for p in positions]
+    return [view(op, x, out_shapes[0])]
+
+
 def const_tensor(enc: dict, device: torch.device) -> torch.Tensor:
     """frontends.onnx.encode_array's JSON -> tensor on `device`."""
     values = _floats(enc["value"])
@@ -210,8 +229,8 @@ def _where(op, ins, outs, a, node, known):
 def _copy(op, ins, outs, a, node, known):
     # a copy into a buffer of its own (views are handled by `view`); copy_ broadcasts for Expand
     x, o = ins[0], outs[0]
-    if x.numel() == o.numel() and x.shape != o.shape:
-        x = x.reshape(o.shape)
+    if x.numel() == o.numel() and x.shape != o.shape:  # a reshape of a strided x: one copy, no temporary
+        o = o.view(x.shape)
     return (lambda: o.copy_(x)), "out"
 
 
