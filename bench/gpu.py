@@ -5,10 +5,11 @@ Two steps, because the GPU machine has torch but no ortools / pulp:
   here:  python bench/gpu.py --plan-only [--dir bench/gpu_plans] [--planner baseline]
          lowers ResNet-50 b32, MobileNetV2 b32, BERT-base b8 s512 and GPT-2 small b8 s1024
          (our registry definitions, fx frontend), plans each with no capacity (minimise the
-         arena) and ResNet-50 also at 50% of that arena (a plan with spills), and writes per
-         model the lowered graph (LifetimeGraph.to_dict + call order), the plan files, and any
-         constant the module's parameters / buffers cannot supply again;
-  there: python bench/gpu.py --run [--dir bench/gpu_plans] [--out $OUT]
+         arena) and ResNet-50 also at 50% of that arena or M_R, whichever is larger (a plan
+         with spills), and writes per model the lowered graph (LifetimeGraph.to_dict + call
+         order) and the plan files. No weights travel: they are rebuilt from the seed there,
+         and weights the frontend derives (folded BatchNorm) by lowering again there;
+  there: python bench/gpu.py --run [--dir bench/gpu_plans] [--out $OUT] [--models ...] [--methods ...]
          rebuilds each registry model from its seed (weights random, the same names and shapes),
          and measures inference (torch.no_grad) of
            eager, inductor (torch.compile default), memplan (Executor on the plan; outputs fresh
@@ -23,7 +24,8 @@ Two steps, because the GPU machine has torch but no ortools / pulp:
 
 Every measurement is its own try/except (a failure is recorded, the rest go on) and a time
 budget (--budget-s, default 400 s) skips what would not finish: inductor compiles start only
-with enough time left.
+with enough time left. `--models` / `--methods` split a run over several calls; `--small`
+runs the registry's CI sizes on any device (a smoke test of this script).
 """
 
 from __future__ import annotations
@@ -72,16 +74,11 @@ def plan_only(folder: Path, planner: str, time_limit: float, names: list[str]) -
         t0 = time.perf_counter()
         module, inputs = models.build(name, **params)
         lowered = lower_module(module, inputs, name=cfg)
-        state = {**dict(module.named_parameters(remove_duplicate=False)),
-                 **dict(module.named_buffers(remove_duplicate=False))}
-        consts = {k: v for k, v in lowered.weights.items() if k not in state}
         graph = lowered.graph
         doc = {"config": cfg, "model": name, "params": params, "graph": graph.to_dict(),
                "inputs": list(lowered.inputs), "outputs": list(lowered.outputs),
                "fingerprint": graph.fingerprint, "torch": torch.__version__}
         (folder / f"{cfg}.graph.json").write_text(json.dumps(doc))
-        if consts:
-            torch.save(consts, folder / f"{cfg}.consts.pt")
         lowered_s = time.perf_counter() - t0
         target = get_target("h100", capacity=None, alignment=ALIGNMENT)
         plan = compile_plan(graph, target, planner=planner, time_limit=time_limit)
@@ -162,25 +159,48 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def load_case(folder: Path, cfg: str, device: str):
-    """(graph, inputs ids, outputs ids, module, example inputs, weights) rebuilt from the seed."""
+def load_case(folder: Path, cfg: str, device: str) -> dict[str, Any]:
+    """Our model rebuilt from its seed, with the graph and the weights its plans need.
+
+    Weights the frontend made (BatchNorm folded into convolutions) are not in the module's state:
+    the model is lowered again here and they are taken from that lowering when its graph is the
+    one planned; otherwise (another torch lowers differently) the new graph is used and planned
+    here with the baseline planner (needs no solver), and the result says so."""
     import models
     from planner.graph import LifetimeGraph
 
     doc = json.loads((folder / f"{cfg}.graph.json").read_text())
     graph = LifetimeGraph.from_dict(doc["graph"])
     module, inputs = models.build(doc["model"], **doc["params"])
-    module = module.to(device).eval()
-    inputs = tuple(x.to(device) for x in inputs)
     weights = {**dict(module.named_parameters(remove_duplicate=False)),
                **dict(module.named_buffers(remove_duplicate=False))}
-    consts = folder / f"{cfg}.consts.pt"
-    if consts.is_file():
-        weights.update(torch.load(consts))
-    for t in graph.tensors_of("weight"):
-        if t.name in weights and tuple(weights[t.name].shape) != t.shape:
-            raise ValueError(f"{cfg}: weight {t.name} is {tuple(weights[t.name].shape)} here, {t.shape} in the plan")
-    return graph, tuple(doc["inputs"]), tuple(doc["outputs"]), module, inputs, weights
+    case = {"graph": graph, "inputs_ids": tuple(doc["inputs"]), "outputs_ids": tuple(doc["outputs"]),
+            "weights_from": "module state", "replan": False}
+    missing = [t.name for t in graph.tensors_of("weight") if t.name not in weights and graph.consumers[t.id]]
+    if missing:
+        from frontends.fx import lower_module
+
+        lowered = lower_module(module, inputs, name=cfg)
+        weights.update(lowered.weights)
+        case["weights_from"] = "lowered again here"
+        if lowered.graph.fingerprint != graph.fingerprint:
+            case.update(graph=lowered.graph, inputs_ids=lowered.inputs, outputs_ids=lowered.outputs, replan=True)
+    case["module"] = module.to(device).eval()
+    case["inputs"] = tuple(x.to(device) for x in inputs)
+    case["weights"] = {k: v.to(device) for k, v in weights.items()}
+    return case
+
+
+def plan_for(case: dict[str, Any], path: Path):
+    """The saved plan, or (when the graph here differs) the baseline plan for the same target."""
+    from planner.plan import Plan
+
+    plan = Plan.load(path)
+    if not case["replan"]:
+        return plan
+    from planner.compile import compile as compile_plan
+
+    return compile_plan(case["graph"], plan.target, planner="baseline")
 
 
 def reference_model(cfg: str, device: str):
@@ -203,8 +223,11 @@ def reference_model(cfg: str, device: str):
     return model.to(device).eval(), (ids.to(device),)
 
 
-def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iters: int, inductor: bool) -> dict:
-    from planner.plan import Plan
+METHODS = ("eager", "memplan", "inductor", "reference", "reference_inductor")
+
+
+def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iters: int,
+            methods: set[str]) -> dict:
     from planner.runtime.executor import Executor
 
     budget = Budget(budget_s)
@@ -217,6 +240,9 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
     cases: dict[str, Any] = {}
 
     def attempt(cfg: str, key: str, fn: Callable[[], dict], need_s: float = 5.0) -> None:
+        group = "reference_inductor" if key == "reference_inductor" else key.split("_")[0]
+        if group not in methods:
+            return
         entry = results["models"].setdefault(cfg, {})
         if budget.left() < need_s:
             entry[key] = {"skipped": f"time budget ({budget.left():.0f}s left, needs ~{need_s:.0f}s)"}
@@ -234,35 +260,38 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
         print(f"{cfg:18s} {key:22s} {summary(entry[key])}", flush=True)
         write(results, out_dir)
 
-    def case(cfg: str):
-        """Our model rebuilt from its seed, its graph and weights, and eager's output (loaded once)."""
+    def case(cfg: str) -> dict[str, Any]:
+        """Our model, graph and weights, and eager's output (loaded once)."""
         if cfg not in cases:
-            cases[cfg] = load_case(folder, cfg, device)
-            module, inputs = cases[cfg][3], cases[cfg][4]
+            c = load_case(folder, cfg, device)
             with torch.no_grad():
-                cases[cfg + ":ref"] = first_tensor(module(*inputs)).detach().clone()
+                c["ref"] = first_tensor(c["module"](*c["inputs"])).detach().clone()
+            cases[cfg] = c
         return cases[cfg]
 
     # 1. what needs no compiler: eager and memplan on our models, the capped plan
     for cfg in names:
         def eager(cfg=cfg):
-            module, inputs = case(cfg)[3:5]
+            module, inputs = case(cfg)["module"], case(cfg)["inputs"]
             return measure(lambda: module(*inputs), iters)
         attempt(cfg, "eager", eager)
 
         def replay(cfg=cfg, plan_file=f"{cfg}.plan.json", views=False):
-            graph, ins, outs, module, inputs, weights = case(cfg)
-            plan = Plan.load(folder / plan_file)
+            c = case(cfg)
+            plan = plan_for(c, folder / plan_file)
             t0 = time.perf_counter()
-            ex = Executor(graph, plan, weights, device, inputs=ins, outputs=outs, output_views=views)
+            ex = Executor(c["graph"], plan, c["weights"], device, inputs=c["inputs_ids"], outputs=c["outputs_ids"],
+                          output_views=views)
             init_s = time.perf_counter() - t0
+            inputs = c["inputs"]
             res = measure(lambda: ex.run(*inputs), iters, extra_held=ex.arena_bytes)
             with torch.no_grad():
                 got = ex.run(*inputs)[0]
             res.update(arena_bytes=ex.arena_bytes, capacity=plan.target.capacity, init_s=round(init_s, 2),
                        plan_peak_bytes=int(plan.metrics["peak_bytes"]), planner=plan.solver.formulation,
                        spill_bytes=int(plan.metrics["noncompulsory_bytes"]),
-                       max_rel_error=rel_error(got, cases[cfg + ":ref"]),
+                       max_rel_error=rel_error(got, c["ref"]), weights_from=c["weights_from"],
+                       replanned_here=c["replan"],
                        **{f"exec_{k}": v for k, v in vars_of(ex.stats).items() if k != "arena_bytes"})
             res["matches_eager"] = res["max_rel_error"] <= 1e-3
             for key in ("capacity_fraction", "wanted_capacity", "M_R"):
@@ -278,9 +307,9 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
             attempt(cfg, "memplan_cap50", lambda cfg=cfg: replay(cfg, f"{cfg}.cap.plan.json"))
 
     # 2. inductor on our models, then the torchvision / transformers reference models
-    for cfg in names if inductor else []:
+    for cfg in names:
         def compiled(cfg=cfg):
-            module, inputs = case(cfg)[3:5]
+            module, inputs = case(cfg)["module"], case(cfg)["inputs"]
             fn = torch.compile(module)
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -295,9 +324,9 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
             cases[cfg + ":hf"] = (model, inputs)
             return measure(lambda: model(*inputs), iters)
         attempt(cfg, "reference_eager", ref_eager)
-    for cfg in names if inductor else []:
+    for cfg in names:
         def ref_compiled(cfg=cfg):
-            model, inputs = cases[cfg + ":hf"]
+            model, inputs = cases.get(cfg + ":hf") or reference_model(cfg, device)
             fn = torch.compile(model)
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -380,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=60.0, help="solver seconds per plan")
     ap.add_argument("--budget-s", type=float, default=400.0, help="--run: stop starting measurements after this")
     ap.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
-    ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ",".join(METHODS) + " (memplan includes its variants)")
     ap.add_argument("--small", action="store_true", help="the registry's CI sizes (a smoke test; any device)")
     args = ap.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
@@ -399,7 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.small:
         print("--run needs a CUDA device (without one, only --small runs, as a smoke test)", file=sys.stderr)
         return 2
-    run_all(args.dir, args.out, names, args.budget_s, args.iters, not args.no_inductor)
+    methods = {m for m in args.methods.split(",") if m}
+    if methods - set(METHODS):
+        print(f"unknown method(s) {', '.join(sorted(methods - set(METHODS)))}; known: {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    run_all(args.dir, args.out, names, args.budget_s, args.iters, methods)
     return 0
 
 
