@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +35,15 @@ def say(text: str) -> None:
 
 
 def load_graph(name: str, cache: Path):
-    """Lower a registry network once (int8) and keep the graph as JSON next to the results."""
+    """Lower a registry network (int8) once; the cache key covers the frontend and model sources."""
+    import hashlib
+
     from planner.graph import LifetimeGraph
 
-    path = cache / f"{name}.graph.json"
+    root = Path(__file__).resolve().parent.parent
+    sources = sorted([*root.glob("frontends/*.py"), *root.glob("models/*.py")])
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    path = cache / f"{name}.{key}.graph.json"
     if path.is_file():
         return LifetimeGraph.from_dict(json.loads(path.read_text()))
     from frontends import load_model
@@ -130,23 +136,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="cpsat", help="cpsat | cbc | highs | gurobi")
     ap.add_argument("--solvers", default="ours,cosma", help="comma-separated joint models to run")
     ap.add_argument("--out", default="bench/results/joint", help="output path without extension")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing results (keep rows and solver entries not rerun)")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "memplan_graphs"),
+                    help="folder for lowered graphs")
     args = ap.parse_args(argv)
     from planner.compile import budget
     from planner.target import get_target
 
     out = Path(args.out)
     rows: list[dict] = []
+    if args.update and out.with_suffix(".json").is_file():
+        rows = json.loads(out.with_suffix(".json").read_text())
+    index = {(r["network"], r["budget"], r["weights"]): r for r in rows}
     for name in args.models.split(","):
         say(f"{name}: lowering")
-        graph = load_graph(name, out.parent / "graphs")
+        graph = load_graph(name, Path(args.cache))
         for setting in args.settings.split(","):
             for bname in args.budgets.split(","):
                 target = get_target("npu", include_weights=SETTINGS[setting])
                 target = target.with_(capacity=budget(graph, bname, target))
                 say(f"{name} {bname} {setting}: capacity {target.capacity}")
-                row = {"network": name, "budget": bname, "weights": SETTINGS[setting], "ops": len(graph.ops),
-                       **run_instance(graph, target, args.time_limit, args.backend, args.solvers.split(","))}
-                rows.append(row)
+                fresh = {"network": name, "budget": bname, "weights": SETTINGS[setting], "ops": len(graph.ops),
+                         **run_instance(graph, target, args.time_limit, args.backend, args.solvers.split(","))}
+                row = index.get((name, bname, SETTINGS[setting]))
+                if row is None:
+                    row = index[name, bname, SETTINGS[setting]] = fresh
+                    rows.append(row)
+                else:
+                    row["solvers"].update(fresh["solvers"])
+                    row.update({k: v for k, v in fresh.items() if k != "solvers"})
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
                 say(f"  ours {row['solvers'].get('ours', {}).get('traffic')} "

@@ -104,7 +104,7 @@ class _Run:
 
 def solve(graph: LifetimeGraph, target: Target, *, time_limit: float = 60.0, backend: str = "cpsat",
           model: str = "ours", schedule: Sequence[int] | None = None, warm_start: bool = True,
-          progress: Callable[[str], None] | None = None, threads: int = 2,
+          progress: Callable[[str], None] | None = None, threads: int = 4,
           pack_limit: float = 2.0) -> JointResult:
     """Minimise non-compulsory traffic at target.capacity; see the module docstring."""
     if model not in MODELS:
@@ -122,6 +122,8 @@ def solve(graph: LifetimeGraph, target: Target, *, time_limit: float = 60.0, bac
         return _result(run, model, backend, schedule is not None, infeasible=True)
     if warm_start:
         _warm(run, schedule)
+    if run.cost() == 0 and model == "ours":  # nothing beats zero traffic
+        return _result(run, model, backend, schedule is not None)
     if model in ("cosma", "cosma_fs"):
         from formulations import joint_cosma
 
@@ -147,8 +149,9 @@ def plan(graph: LifetimeGraph, target: Target, *, time_limit: float = 60.0,
 def _warm(run: _Run, schedule: Sequence[int] | None) -> None:
     """The best baseline pipeline (on the given order, when there is one) as first incumbent."""
     try:
-        if schedule is None:
-            run.offer(baselines.best(run.graph, run.target), "baselines")
+        if schedule is None:  # every order x policy with the TFLite allocator (the bench's pipelines among them)
+            names = [n for n, (_, _, a) in baselines.PIPELINES.items() if a == "greedy_size"]
+            run.offer(baselines.best(run.graph, run.target, names), "baselines")
         else:
             for policy in baselines.POLICIES:
                 run.offer(baselines.pipeline(run.graph, run.target, list(schedule), policy, "greedy_size"),

@@ -27,7 +27,7 @@ from planner.target import Target, align_up
 
 
 def across_bound(graph: LifetimeGraph, target: Target, backend: str, time_limit: float,
-                 threads: int = 2) -> Solved:
+                 threads: int = 4) -> Solved:
     """Solve the live-across relaxation; its `bound` is a valid lower bound (0 if trivial)."""
     w, a, cap = target.include_weights, target.alignment, target.capacity
     anc, desc = ancestry(graph)

@@ -55,7 +55,7 @@ class Solved:
 class LinearModel:
     """Variables, linear constraints and an objective for CP-SAT or PuLP, with hints."""
 
-    def __init__(self, backend: str, threads: int = 2):
+    def __init__(self, backend: str, threads: int = 4):
         if backend not in BACKENDS:
             raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.backend, self.threads = backend, threads
@@ -184,7 +184,7 @@ def _cbc_bound(log: str, objective: float | None) -> float | None:
 class GapMaster:
     """Keep/evict per gap and in-place pairs for one order, with an aggregate capacity."""
 
-    def __init__(self, tl: Timeline, capacity: int, backend: str, threads: int = 2):
+    def __init__(self, tl: Timeline, capacity: int, backend: str, threads: int = 4):
         self.tl, self.capacity = tl, capacity
         m = self.model = LinearModel(backend, threads)
         gaps = tl.gaps
@@ -289,7 +289,7 @@ def windows(graph, order_len: int) -> tuple[list[int], list[int]]:
 class StepMaster:
     """Order, residency and in-place decisions, time-indexed within ASAP/ALAP windows."""
 
-    def __init__(self, graph, target, capacity: int, backend: str, threads: int = 2):
+    def __init__(self, graph, target, capacity: int, backend: str, threads: int = 4):
         from planner.target import align_up
 
         self.graph, self.target, self.capacity = graph, target, capacity
