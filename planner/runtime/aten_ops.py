@@ -297,6 +297,8 @@ def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequenc
     """A closure computing op `name` (decoded, substituted args) into `outs`."""
     target = attrs["target"]
     op = op_by_name(target)
+    if attrs.get("result_shapes"):  # a reshaped graph output written by its producer (frontends.fx)
+        outs = [o if shape is None else o.view(shape) for o, shape in zip(outs, attrs["result_shapes"])]
     results = attrs.get("results")
     positions = [0] if results is None else list(results)
     dynamic = has_dyn(args) or has_dyn(kwargs)

@@ -10,13 +10,14 @@ shift) and returns a closure plus how it writes:
 constant inputs arrive as tensors. Semantics follow the ONNX operator
 specification at opset 13 and later (Softmax over one axis, Split sizes as an
 input). An op outside the table is a ReplayError naming the op and the node.
+This module holds the table, element-wise ops, linear algebra and normalisation;
+onnx_data_ops registers pooling, reductions, resizing and data movement into it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ Binder = Callable[[str, list, list, dict, str, frozenset], tuple[Closure, str]]
 TABLE: dict[str, Binder] = {}
 
 
-def _register(*names: str):
+def register(*names: str):
     def deco(fn: Binder) -> Binder:
         for n in names:
             TABLE[n] = fn
@@ -77,33 +78,33 @@ def view_outputs(attrs: dict, x: torch.Tensor, out_shapes: Sequence[Sequence[int
 
 def const_tensor(enc: dict, device: torch.device) -> torch.Tensor:
     """frontends.onnx.encode_array's JSON -> tensor on `device`."""
-    values = _floats(enc["value"])
+    values = floats(enc["value"])
     return torch.tensor(values, dtype=getattr(torch, enc["dtype"]), device=device).reshape(enc["shape"])
 
 
-def _floats(x):
+def floats(x):
     if isinstance(x, list):
-        return [_floats(e) for e in x]
+        return [floats(e) for e in x]
     if isinstance(x, dict) and "float" in x:
         return float(x["float"])
     return x
 
 
-def _ints(t: torch.Tensor | None) -> list[int] | None:
+def ints(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
 
-def _scalar(t: torch.Tensor | None):
+def scalar(t: torch.Tensor | None):
     return None if t is None else t.reshape(-1)[0].item()
 
 
-def _opt(ins: list, i: int):
+def optional(ins: list, i: int):
     return ins[i] if i < len(ins) else None
 
 
-def _known(ins: list, i: int, known: frozenset[int], node: str):
+def known_input(ins: list, i: int, known: frozenset[int], node: str):
     """Input i when its value is fixed at init (None when absent); a run-time value is an error."""
-    x = _opt(ins, i)
+    x = optional(ins, i)
     if x is not None and i not in known:
         raise ReplayError(f"node {node!r}: input {i} must be a constant or a weight (it is computed at run time)")
     return x
@@ -129,13 +130,13 @@ _BINARY = {
 }
 
 
-@_register(*_UNARY)
+@register(*_UNARY)
 def _unary(op, ins, outs, a, node, known):
     fn, x, o = _UNARY[op], ins[0], outs[0]
     return (lambda: fn(x, out=o)), "out"
 
 
-@_register(*_BINARY)
+@register(*_BINARY)
 def _binary(op, ins, outs, a, node, known):
     xs, o = [x for x in ins if x is not None], outs[0]
     if len(xs) == 1:  # variadic Max/Min/Sum of one input
@@ -156,7 +157,7 @@ def _binary(op, ins, outs, a, node, known):
     return (lambda: fn(x, y, out=o)), "out"
 
 
-@_register("Div")
+@register("Div")
 def _div(op, ins, outs, a, node, known):
     x, y, o = ins[0], ins[1], outs[0]
     if o.dtype.is_floating_point:
@@ -164,23 +165,23 @@ def _div(op, ins, outs, a, node, known):
     return (lambda: torch.div(x, y, rounding_mode="trunc", out=o)), "out"
 
 
-@_register("Relu")
+@register("Relu")
 def _relu(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     return (lambda: torch.clamp_min(x, 0, out=o)), "out"
 
 
-@_register("LeakyRelu")
+@register("LeakyRelu")
 def _leaky(op, ins, outs, a, node, known):
     x, o, alpha = ins[0], outs[0], _attr_float(a, "alpha", 0.01)
     return (lambda: torch.ops.aten.leaky_relu.out(x, alpha, out=o)), "out"
 
 
-@_register("Clip")
+@register("Clip")
 def _clip(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
-    lo = _scalar(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("min")
-    hi = _scalar(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else a.get("max")
+    lo = scalar(known_input(ins, 1, known, node)) if optional(ins, 1) is not None else a.get("min")
+    hi = scalar(known_input(ins, 2, known, node)) if optional(ins, 2) is not None else a.get("max")
     lo = float(lo["float"]) if isinstance(lo, dict) else lo
     hi = float(hi["float"]) if isinstance(hi, dict) else hi
     if lo is None and hi is None:
@@ -188,7 +189,7 @@ def _clip(op, ins, outs, a, node, known):
     return (lambda: torch.clamp(x, lo, hi, out=o)), "out"
 
 
-@_register("HardSigmoid")
+@register("HardSigmoid")
 def _hardsigmoid(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     alpha, beta = _attr_float(a, "alpha", 0.2), _attr_float(a, "beta", 0.5)
@@ -199,19 +200,19 @@ def _hardsigmoid(op, ins, outs, a, node, known):
     return run, "out"
 
 
-@_register("HardSwish")
+@register("HardSwish")
 def _hardswish(op, ins, outs, a, node, known):
     x, o = ins[0], outs[0]
     return (lambda: torch.ops.aten.hardswish.out(x, out=o)), "out"
 
 
-@_register("Gelu")
+@register("Gelu")
 def _gelu(op, ins, outs, a, node, known):
     x, o, approx = ins[0], outs[0], a.get("approximate", "none")
     return (lambda: torch.ops.aten.gelu.out(x, approximate=approx, out=o)), "out"
 
 
-@_register("Swish")
+@register("Swish")
 def _swish(op, ins, outs, a, node, known):
     x, o, alpha = ins[0], outs[0], _attr_float(a, "alpha", 1.0)
     if alpha == 1.0:
@@ -219,13 +220,13 @@ def _swish(op, ins, outs, a, node, known):
     return (lambda: o.copy_(x * torch.sigmoid(alpha * x))), "fallback"
 
 
-@_register("Where")
+@register("Where")
 def _where(op, ins, outs, a, node, known):
     c, x, y, o = ins[0], ins[1], ins[2], outs[0]
     return (lambda: torch.where(c, x, y, out=o)), "out"
 
 
-@_register("Cast", "Identity", "Dropout", "Expand", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+@register("Cast", "Identity", "Dropout", "Expand", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _copy(op, ins, outs, a, node, known):
     # a copy into a buffer of its own (views are handled by `view`); copy_ broadcasts for Expand
     x, o = ins[0], outs[0]
@@ -254,9 +255,9 @@ def _conv_pads(a: dict, x: torch.Tensor, w: torch.Tensor, nd: int, transposed: b
     return pads_b + pads_e
 
 
-@_register("Conv", "ConvTranspose")
+@register("Conv", "ConvTranspose")
 def _conv(op, ins, outs, a, node, known):
-    x, w, b, o = ins[0], ins[1], _opt(ins, 2), outs[0]
+    x, w, b, o = ins[0], ins[1], optional(ins, 2), outs[0]
     transposed = op == "ConvTranspose"
     nd = w.dim() - 2
     strides, dil = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
@@ -285,9 +286,9 @@ def _native(op, o: torch.Tensor) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CUDA" if o.is_cuda else "CPU")
 
 
-@_register("Gemm")
+@register("Gemm")
 def _gemm(op, ins, outs, a, node, known):
-    x, y, c, o = ins[0], ins[1], _opt(ins, 2), outs[0]
+    x, y, c, o = ins[0], ins[1], optional(ins, 2), outs[0]
     x = x.t() if a.get("transA", 0) else x
     y = y.t() if a.get("transB", 0) else y
     alpha, beta = _attr_float(a, "alpha", 1.0), _attr_float(a, "beta", 1.0)
@@ -300,13 +301,13 @@ def _gemm(op, ins, outs, a, node, known):
     return (lambda: torch.addmm(c, x, y, beta=beta, alpha=alpha, out=o)), "out"
 
 
-@_register("MatMul")
+@register("MatMul")
 def _matmul(op, ins, outs, a, node, known):
     x, y, o = ins[0], ins[1], outs[0]
     return (lambda: torch.matmul(x, y, out=o)), "out"
 
 
-@_register("MatMulAdd")  # memplan::MatMulAdd(A, B, C) = A @ B + C (frontends.onnx_fuse)
+@register("MatMulAdd")  # memplan::MatMulAdd(A, B, C) = A @ B + C (frontends.onnx_fuse)
 def _matmul_add(op, ins, outs, a, node, known):
     x, y, c, o = ins[0], ins[1], ins[2], outs[0]
 
@@ -316,7 +317,7 @@ def _matmul_add(op, ins, outs, a, node, known):
     return run, "out"
 
 
-@_register("BatchNormalization")
+@register("BatchNormalization")
 def _batchnorm(op, ins, outs, a, node, known):
     if len(outs) != 1 or a.get("training_mode", 0):
         raise ReplayError(f"BatchNormalization node {node!r} in training mode is not supported")
@@ -343,228 +344,21 @@ def _batchnorm(op, ins, outs, a, node, known):
     return run_loaded, "out"
 
 
-@_register("LayerNormalization")
+@register("LayerNormalization")
 def _layernorm(op, ins, outs, a, node, known):
     if len(outs) != 1:
         raise ReplayError(f"LayerNormalization node {node!r}: only the normalised output is supported")
-    x, w, b, o = ins[0], _opt(ins, 1), _opt(ins, 2), outs[0]
+    x, w, b, o = ins[0], optional(ins, 1), optional(ins, 2), outs[0]
     axis, eps = int(a.get("axis", -1)), _attr_float(a, "epsilon", 1e-5)
     shape = tuple(x.shape[axis:])
     return (lambda: o.copy_(F.layer_norm(x, shape, w, b, eps))), "fallback"
 
 
-@_register("Softmax", "LogSoftmax")
+@register("Softmax", "LogSoftmax")
 def _softmax(op, ins, outs, a, node, known):
     x, o, axis = ins[0], outs[0], int(a.get("axis", -1))
     fn = torch.ops.aten._softmax.out if op == "Softmax" else torch.ops.aten._log_softmax.out
     return (lambda: fn(x, axis, False, out=o)), "out"
 
 
-# ------------------------------------------------------------------ pooling
-def _pool_args(a: dict, nd: int, node: str) -> tuple[list[int], list[int], list[int], bool]:
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
-        raise ReplayError(f"pooling node {node!r}: auto_pad={a['auto_pad']!r} is not supported")
-    k = list(a["kernel_shape"])
-    s = list(a.get("strides", [1] * nd))
-    pads = list(a.get("pads", [0] * (2 * nd)))
-    if pads[:nd] != pads[nd:]:
-        raise ReplayError(f"pooling node {node!r} has asymmetric pads {pads}; not supported")
-    return k, s, pads[:nd], bool(a.get("ceil_mode", 0))
-
-
-@_register("MaxPool")
-def _maxpool(op, ins, outs, a, node, known):
-    if len(outs) != 1:
-        raise ReplayError(f"MaxPool node {node!r}: the Indices output is not supported")
-    x, o = ins[0], outs[0]
-    nd = x.dim() - 2
-    k, s, p, ceil = _pool_args(a, nd, node)
-    d = list(a.get("dilations", [1] * nd))
-    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
-    return (lambda: o.copy_(fn(x, k, s, p, d, ceil_mode=ceil))), "fallback"
-
-
-@_register("AveragePool")
-def _avgpool(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    nd = x.dim() - 2
-    k, s, p, ceil = _pool_args(a, nd, node)
-    include = bool(a.get("count_include_pad", 0))
-    if nd == 2:
-        return (lambda: torch.ops.aten.avg_pool2d.out(x, k, s, p, ceil, include, None, out=o)), "out"
-    if nd == 3:
-        return (lambda: torch.ops.aten.avg_pool3d.out(x, k, s, p, ceil, include, None, out=o)), "out"
-    return (lambda: o.copy_(F.avg_pool1d(x, k, s, p, ceil, include))), "fallback"
-
-
-@_register("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    dims = tuple(range(2, x.dim()))
-    if op == "GlobalAveragePool":
-        return (lambda: torch.mean(x, dims, keepdim=True, out=o)), "out"
-    return (lambda: torch.amax(x, dims, keepdim=True, out=o)), "out"
-
-
-@_register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
-def _reduce(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    axes = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("axes")
-    keep = bool(a.get("keepdims", 1))
-    if not axes:
-        if a.get("noop_with_empty_axes", 0):
-            return (lambda: o.copy_(x)), "out"
-        axes = list(range(x.dim()))
-    fn = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax,
-          "ReduceMin": torch.amin}[op]
-    dims = tuple(axes)
-    return (lambda: fn(x, dims, keepdim=keep, out=o)), "out"
-
-
-# ------------------------------------------------------------------ data movement
-@_register("Concat")
-def _concat(op, ins, outs, a, node, known):
-    xs, o, axis = [x for x in ins if x is not None], outs[0], int(a["axis"])
-    return (lambda: torch.cat(xs, axis, out=o)), "out"
-
-
-@_register("Transpose")
-def _transpose(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    perm = list(a.get("perm", reversed(range(x.dim()))))
-    v = x.permute(perm)
-    return (lambda: o.copy_(v)), "out"
-
-
-@_register("Slice")
-def _slice(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    starts = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a["starts"]
-    ends = _ints(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else a["ends"]
-    axes = _ints(_known(ins, 3, known, node)) if _opt(ins, 3) is not None else a.get("axes", list(range(len(starts))))
-    steps = _ints(_known(ins, 4, known, node)) if _opt(ins, 4) is not None else [1] * len(starts)
-    index: list[Any] = [slice(None)] * x.dim()
-    for st, en, ax, sp in zip(starts, ends, axes, steps):
-        if sp <= 0:
-            raise ReplayError(f"Slice node {node!r} has step {sp}; only positive steps are supported")
-        index[ax % x.dim()] = slice(st, en, sp)  # Python slicing clamps exactly as ONNX does for step > 0
-    v = x[tuple(index)]
-    return (lambda: o.copy_(v)), "out"
-
-
-@_register("Gather")
-def _gather(op, ins, outs, a, node, known):
-    x, idx, o = ins[0], ins[1], outs[0]
-    axis = int(a.get("axis", 0)) % x.dim()
-    n = x.shape[axis]
-    if idx.dim() == 0 and 1 in known:
-        v = x.select(axis, int(idx.item()) % n)
-        return (lambda: o.copy_(v)), "out"
-    flat_out = o.view(tuple(x.shape[:axis]) + (idx.numel(),) + tuple(x.shape[axis + 1:]))
-    flat_idx = idx.reshape(-1)
-
-    def run():  # ONNX allows negative indices; index_select does not
-        i = torch.where(flat_idx < 0, flat_idx + n, flat_idx)
-        torch.index_select(x, axis, i, out=flat_out)
-    return run, "out"
-
-
-@_register("Split")
-def _split(op, ins, outs, a, node, known):
-    x = ins[0]
-    axis = int(a.get("axis", 0)) % x.dim()
-    sizes = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a.get("split")
-    if sizes is None:
-        n = len(outs)
-        chunk = -(-x.shape[axis] // n)
-        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
-    views, start = [], 0
-    for s in sizes:
-        views.append(x.narrow(axis, start, s))
-        start += s
-    pairs = list(zip(outs, views))
-
-    def run():
-        for o, v in pairs:
-            o.copy_(v)
-    return run, "out"
-
-
-@_register("Pad")
-def _pad(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    if a.get("mode", "constant") != "constant":
-        raise ReplayError(f"Pad node {node!r}: mode {a['mode']!r} is not supported")
-    pads = _ints(_known(ins, 1, known, node)) if _opt(ins, 1) is not None else a["pads"]
-    value = _scalar(_known(ins, 2, known, node)) if _opt(ins, 2) is not None else 0
-    nd = x.dim()
-    if len(pads) != 2 * nd or min(pads) < 0:
-        raise ReplayError(f"Pad node {node!r}: pads {pads} (axes input or negative pads) not supported")
-    inner = o[tuple(slice(pads[i], pads[i] + x.shape[i]) for i in range(nd))]
-
-    def run():
-        o.fill_(value)
-        inner.copy_(x)
-    return run, "out"
-
-
-@_register("ConstantOfShape")
-def _constant_of_shape(op, ins, outs, a, node, known):
-    o = outs[0]
-    enc = a.get("value")
-    value = _floats(enc["value"])[0] if isinstance(enc, dict) else 0
-    return (lambda: o.fill_(value)), "out"
-
-
-@_register("Resize", "Upsample")
-def _resize(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    mode = a.get("mode", "nearest")
-    coord = a.get("coordinate_transformation_mode", "half_pixel")
-    nearest = a.get("nearest_mode", "round_prefer_floor")
-    nd = x.dim() - 2
-    size = list(o.shape[2:])
-    if mode == "nearest" and (op == "Upsample" or (coord == "asymmetric" and nearest == "floor")):
-        fn = {1: torch.ops.aten.upsample_nearest1d.out, 2: torch.ops.aten.upsample_nearest2d.out,
-              3: torch.ops.aten.upsample_nearest3d.out}[nd]
-        return (lambda: fn(x, size, out=o)), "out"
-    if mode == "nearest" and coord == "half_pixel" and nearest == "round_prefer_ceil":
-        fn = {1: torch.ops.aten._upsample_nearest_exact1d.out, 2: torch.ops.aten._upsample_nearest_exact2d.out,
-              3: torch.ops.aten._upsample_nearest_exact3d.out}[nd]
-        return (lambda: fn(x, size, out=o)), "out"
-    if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-        align = coord == "align_corners"
-        fn = {1: torch.ops.aten.upsample_linear1d.out, 2: torch.ops.aten.upsample_bilinear2d.out,
-              3: torch.ops.aten.upsample_trilinear3d.out}[nd]
-        return (lambda: fn(x, size, align, out=o)), "out"
-    raise ReplayError(f"Resize node {node!r}: mode={mode!r}, coordinate_transformation_mode={coord!r}, "
-                      f"nearest_mode={nearest!r} is not supported")
-
-
-@_register("CumSum")
-def _cumsum(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    axis = int(_scalar(_known(ins, 1, known, node)))
-    if a.get("exclusive", 0) or a.get("reverse", 0):
-        raise ReplayError(f"CumSum node {node!r}: exclusive / reverse are not supported")
-    return (lambda: torch.cumsum(x, axis, out=o)), "out"
-
-
-@_register("ArgMax", "ArgMin")
-def _argmax(op, ins, outs, a, node, known):
-    x, o = ins[0], outs[0]
-    axis, keep = int(a.get("axis", 0)), bool(a.get("keepdims", 1))
-    fn = torch.argmax if op == "ArgMax" else torch.argmin
-    return (lambda: fn(x, axis, keep, out=o)), "out"
-
-
-@_register("Tile")
-def _tile(op, ins, outs, a, node, known):
-    x, o, reps = ins[0], outs[0], _ints(_known(ins, 1, known, node))
-    return (lambda: o.copy_(x.repeat(reps))), "fallback"
-
-
-@_register("Einsum")
-def _einsum(op, ins, outs, a, node, known):
-    xs, o, eq = [x for x in ins if x is not None], outs[0], a["equation"]
-    return (lambda: o.copy_(torch.einsum(eq, *xs))), "fallback"
+from planner.runtime import onnx_data_ops  # noqa: E402,F401  (registers pooling, reductions, data movement)
