@@ -1,0 +1,76 @@
+"""`auto`: how formulations/offsets.py combines its methods for one placement request.
+
+1. The greedy placements (offsets_heuristics). Done if one fits the capacity, or, when
+   minimising, reaches the lower bound.
+2. A short local repair, only when minimising or when the best greedy arena is within 5% of
+   the capacity (on the MiniMalloc suite greedy ends 12-40% above it, where repair never helps).
+3. A race until the deadline: the exact search (offsets_exact) in this thread against one
+   CP-SAT run per buffer order in `Options.cpsat_orders`, each in its own thread (CP-SAT
+   releases the GIL while it solves). The first to settle the question (a placement that fits,
+   a proof of infeasibility, a proven optimum) stops the others; otherwise the best placement
+   and the highest bound of all are kept. The methods are complementary: on the MiniMalloc
+   suite exact search alone solves A B C D J, CP-SAT by earliest start A B C E G H, CP-SAT by
+   widest lifetime C F G I K. With `Options.race` off they run one after the other instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from formulations.offsets import Instance, Options, Outcome, Stop, better, outcome
+
+
+def run(inst: Instance, cap: int | None, deadline: float, options: Options) -> Outcome:
+    """Greedy placements; if not settled, a short repair; then exact search raced against CP-SAT
+    runs (one thread each: CP-SAT releases the GIL while it solves), the first verdict wins."""
+    from formulations import offsets_exact, offsets_heuristics, offsets_solvers
+
+    greedy = offsets_heuristics.best_greedy(inst, None)
+    best = outcome(inst, greedy.offsets, cap, greedy.method)
+    if _settled(best, cap):
+        return best
+    if options.improve and (cap is None or greedy.arena * 20 <= 21 * cap):  # repair closes small gaps only
+        repair = time.perf_counter() + min(0.3, 0.03 * (deadline - time.perf_counter()))
+        best = better(best, offsets_heuristics.improve(inst, cap, repair, best))
+        if _settled(best, cap):
+            return best
+    if not options.race:
+        share = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
+        best = better(best, offsets_exact.run(inst, cap, share, options, best))
+        for order in options.cpsat_orders:
+            if _settled(best, cap) or time.perf_counter() >= deadline:
+                break
+            end = time.perf_counter() + (deadline - time.perf_counter()) / len(options.cpsat_orders)
+            best = better(best, offsets_solvers.cpsat(inst, cap, end, options, best, order))
+        return best
+    stop = Stop()
+    results: list[Outcome] = []
+    lock = threading.Lock()
+    incumbent = best
+
+    def record(out: Outcome) -> None:
+        with lock:
+            results.append(out)
+        if _settled(out, cap):
+            stop.set()
+
+    threads = [threading.Thread(target=lambda o=order: record(offsets_solvers.cpsat(
+        inst, cap, deadline, options, incumbent, o, stop)), daemon=True) for order in options.cpsat_orders]
+    for t in threads:
+        t.start()
+    record(offsets_exact.run(inst, cap, deadline, options, incumbent, stop.event))
+    for t in threads:
+        t.join(max(0.0, deadline - time.perf_counter()) + 5.0)
+    stop.set()
+    with lock:
+        for out in results:
+            best = better(best, out)
+    return best
+
+
+def _settled(out: Outcome, cap: int | None) -> bool:
+    """Nothing left to do: proven, or (with a capacity) a placement that fits."""
+    return out.status in ("optimal", "infeasible") or (cap is not None and out.offsets is not None)
+
+
