@@ -360,6 +360,26 @@ def test_backend_training_equals_eager(cls, shape, cache_dir):
     assert cache_dir[0].stats.loads == 1  # the forward graph reads parameters and buffers in place
 
 
+def test_backend_training_at_capacity_m_r(cache_dir):
+    """The capacity option reaches both AOT graphs: each is planned at its own M_R and still matches eager."""
+    torch.manual_seed(0)
+    ref_model, x = TinyCNN().train(), torch.randn(4, 3, 8, 8)
+    model = TinyCNN().train()
+    model.load_state_dict(ref_model.state_dict())
+    compiled = torch.compile(model, backend="memplan", options={"planner": "baseline", "capacity": "M_R"})
+    ref_loss = ref_model(x).square().mean()
+    ref_loss.backward()
+    loss = compiled(x).square().mean()
+    loss.backward()
+    assert max_rel_error((loss,), (ref_loss,)) <= 1e-5
+    scale = max(p.grad.abs().max().item() for p in ref_model.parameters())
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert (q.grad - p.grad).abs().max().item() <= 1e-5 * scale
+    assert len(cache_dir) == 2
+    for ex in cache_dir:
+        assert ex.arena_bytes <= ex.plan.target.capacity == bounds.m_r(ex.graph, False, ex.plan.target.alignment)
+
+
 def test_backend_plan_cache_skips_the_solver(cache_dir, tmp_path):
     torch.manual_seed(0)
     model, x = MLP().eval(), torch.randn(8, 16)
