@@ -68,8 +68,10 @@ def run_instance(graph, target, time_limit: float, backend: str, solvers: list[s
                                       "seconds": time.perf_counter() - t0}
         except baselines.InfeasibleError as e:
             row["baselines"][name] = {"traffic": None, "error": str(e), "seconds": time.perf_counter() - t0}
-    for model in solvers:
-        result = joint.solve(graph, target, time_limit=time_limit, backend=backend, model=model,
+    for model in solvers:  # "ours_fs" / "cosma_fs": the order fixed to program order
+        schedule = baselines.program_order(graph) if model.endswith("_fs") else None
+        result = joint.solve(graph, target, time_limit=time_limit, backend=backend,
+                             model="ours" if model == "ours_fs" else model, schedule=schedule,
                              progress=lambda line: say("    " + line))
         row["solvers"][model] = {
             "traffic": result.objective, "status": result.status, "bound": _num(result.bound),
@@ -83,17 +85,25 @@ def _num(x: float) -> float | None:
     return None if x != x or x in (float("inf"), float("-inf")) else x
 
 
+SOLVER_ORDER = ("cosma_fs", "cosma", "ours_fs", "ours")
+
+
 def table(rows: list[dict]) -> str:
-    head = ["network", "budget", "weights", "capacity", *(p.replace("+greedy_size", "") for p in PIPELINES),
-            "cosma", "cosma s", "ours", "ours s", "status", "gap"]
+    solvers = [m for m in SOLVER_ORDER if any(m in r["solvers"] for r in rows)]
+    head = ["network", "budget", "weights", "capacity", *(p.replace("+greedy_size", "") for p in PIPELINES)]
+    for m in solvers:
+        head += [m, f"{m} s"]
+    head += ["ours status", "ours gap"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        base = [_fmt(r["baselines"].get(p, {}).get("traffic")) for p in PIPELINES]
-        cos, ours = r["solvers"].get("cosma", {}), r["solvers"].get("ours", {})
-        cells = [r["network"], r["budget"], "yes" if r["weights"] else "no", str(r["capacity"]), *base,
-                 _fmt(cos.get("traffic")) + _mark(cos), f"{cos.get('seconds', 0):.1f}" if cos else "",
-                 _fmt(ours.get("traffic")), f"{ours.get('seconds', 0):.1f}", ours.get("status", ""),
-                 "" if ours.get("gap") is None else f"{ours['gap']:.3f}"]
+        cells = [r["network"], r["budget"], "yes" if r["weights"] else "no", str(r["capacity"])]
+        cells += [_fmt(r["baselines"].get(p, {}).get("traffic")) for p in PIPELINES]
+        for m in solvers:
+            entry = r["solvers"].get(m)
+            cells += ["" if entry is None else _fmt(entry["traffic"]) + _mark(entry),
+                      "" if entry is None else f"{entry['seconds']:.1f}"]
+        ours = r["solvers"].get("ours", {})
+        cells += [ours.get("status", ""), "" if ours.get("gap") is None else f"{ours['gap']:.3f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -118,6 +128,11 @@ def summary(rows: list[dict]) -> str:
                                                        or r["solvers"]["ours"]["traffic"] > b["traffic"])
                      for b in r["baselines"].values())]
     lines.append(f"instances where ours is above a baseline: {len(worse)} {' '.join(worse)}")
+    mp = [r["solvers"]["ours"] for r in rows if r["budget"] == "M_P" and "ours" in r["solvers"]]
+    if mp:
+        zero = sum(o["traffic"] == 0 for o in mp)
+        proven = sum(o["traffic"] != 0 and (o["bound"] or 0) > 0 for o in mp)
+        lines.append(f"at M_P: zero traffic on {zero}/{len(mp)}, no zero-traffic plan proven on {proven}")
     both = [(r["solvers"]["cosma"]["seconds"], r["solvers"]["ours"]["seconds"]) for r in rows
             if r["solvers"].get("cosma", {}).get("status") == "optimal" and r["solvers"].get("ours", {}).get("status")
             == "optimal"]
@@ -140,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge into the existing results (keep rows and solver entries not rerun)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "memplan_graphs"),
                     help="folder for lowered graphs")
+    ap.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON results")
     args = ap.parse_args(argv)
+    if args.report:
+        rows = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).with_suffix(".md").write_text(report(rows, ["python -m bench.joint --report"]))
+        return 0
     from planner.compile import budget
     from planner.target import get_target
 
@@ -172,9 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"({row['solvers'].get('ours', {}).get('status')}), baselines "
                     f"{[b.get('traffic') for b in row['baselines'].values()]}")
     cmd = "python -m bench.joint " + " ".join(argv if argv is not None else sys.argv[1:])
-    out.with_suffix(".md").write_text(f"# Joint planning: non-compulsory traffic (bytes)\n\n`{cmd.strip()}`\n\n"
-                                      + summary(rows) + "\n" + table(rows))
+    out.with_suffix(".md").write_text(report(rows, [cmd.strip()]))
     return 0
+
+
+def report(rows: list[dict], commands: list[str]) -> str:
+    cmds = "\n".join(f"    {c}" for c in commands)
+    return (f"# Joint planning: non-compulsory traffic (bytes)\n\nMade by:\n\n{cmds}\n\n"
+            "Timings are wall seconds with a 60 s limit per solve on a shared 2-core machine (not precise).\n\n"
+            + summary(rows) + "\n" + table(rows))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ optimal. Every plan is emitted as instructions (joint_residency) and checked by
 planner.check; the best checked plan is kept, starting from the best baseline pipeline, and
 returned with its gap when time runs out.
 
+Flow of `solve` with a free order: (1) warm start: the baseline pipelines with the TFLite
+allocator, every order and policy (zero traffic ends the search); (2) the fixed-order loop on
+the program order, the lpmf order and the incumbent's order, for incumbents; (3) the
+order-free live-across bound (formulations.joint_bound), which often meets the incumbent and
+proves it optimal; (4) the time-indexed master with its cut loop, hinted with the incumbent.
+With `schedule` given, only the fixed-order loop runs and the bound holds for that order.
+
 COSMA's published monolithic model (per-step offsets with pairwise big-M) is
 formulations.joint_cosma, selected by model="cosma" (free order) or "cosma_fs" (order given).
 

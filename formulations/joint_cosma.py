@@ -7,7 +7,7 @@ Steps s = 0..n-1, one op per step. Per (tensor t, step s):
   l[t,s]   t is (re)loaded at s                     l[t,s] <= sum_{s'<s} sp[t,s'] (activations, outputs)
   sp[t,s]  t is spilled (stored) at s               sp[t,s] <= r[t,s], sum_s sp[t,s] <= 1 (== 1 for outputs)
   r[t,s] = c + k + l <= 1 resident;  r[t,s] >= x[o,s] for every reader o
-  off[t,s] in [0, C - w_t];  |off[t,s] - off[t,s-1]| <= C (1 - k[t,s])
+  off[t,s] in [0, C - w_t] (in units of the alignment);  |off[t,s] - off[t,s-1]| <= C (1 - k[t,s])
   for t, u both possibly resident at s, y[t,u,s] in {0,1}:
     off_t + w_t <= off_u + C (1 - y) + C (2 - r_t - r_u)
     off_u + w_u <= off_t + C y       + C (2 - r_t - r_u)
@@ -77,7 +77,7 @@ def run(state, schedule: Sequence[int] | None, backend: str, threads: int) -> No
     bufs, buffer_of, pieces = tl.buffers(choice)
     offsets = [0] * len(bufs)
     for piece, (t, a, _) in enumerate(pieces):
-        offsets[buffer_of[piece]] = int(v[off[t, a]]) if (t, a) in off else 0
+        offsets[buffer_of[piece]] = target.alignment * int(v[off[t, a]]) if (t, a) in off else 0
     record = SolverRecord(f"joint:{state.label}", backend, solved.status, objective=tl.traffic(choice))
     try:
         plan = check(g, Plan(g.name, g.fingerprint, target, tl.instructions(choice, offsets), solver=record))
@@ -114,7 +114,9 @@ def _build(g, target, cap: int, schedule, backend: str, threads: int, deadline: 
             if counted(g.root(t)):
                 readers.setdefault(g.root(t), set()).add(op.id)
     tensors = sorted(set(readers) | {t for op in g.ops for t in op.outputs if counted(t)})
-    size = {t: align_up(g.tensors[t].nbytes, target.alignment) for t in tensors}
+    unit = target.alignment  # offsets and sizes in units of the alignment: every offset is then aligned
+    size = {t: align_up(g.tensors[t].nbytes, unit) // unit for t in tensors}
+    cap = cap // unit
     r, k, ld, sp, off = {}, {}, {}, {}, {}
     alive: list[list[int]] = [[] for _ in range(n)]
     cost, constant = [], 0
@@ -202,7 +204,7 @@ def _hint(m, g, target, plan: Plan, x, r, k, ld, sp, off, z, pairs) -> None:
     for (t, s), v in k.items():
         here, prev = cover.get((t, s)), cover.get((t, s - 1))
         m.hint(v, here is not None and prev is not None and here[0] == prev[0])
-        m.hint(off[t, s], here[1] if here else 0)
+        m.hint(off[t, s], here[1] // target.alignment if here else 0)
         born = (g.producer.get(t), s) in x and step_of.get(g.producer.get(t)) == s
         m.hint(ld[t, s], here is not None and not born and (prev is None or here[0] != prev[0]))
     stores = {(ins.ref, sum(1 for i in computes if i < idx) - 1) for idx, ins in enumerate(plan.instructions)

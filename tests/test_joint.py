@@ -113,6 +113,9 @@ def _brute(g, target, orders):
             bufs, _, _ = tl.buffers(choice)
         except ValueError:  # an in-place pair whose donor lives on
             continue
+        steps = range(min((b[0] for b in bufs), default=0), max((b[1] for b in bufs), default=0) + 1)
+        if any(sum(w for a, b, w in bufs if a <= s <= b) > target.capacity for s in steps):
+            continue  # more bytes live at some step than fit: no placement (cheap necessary test)
         offs = lowest_fit(bufs, target.capacity)
         if offs is None:
             continue
@@ -267,3 +270,24 @@ def test_missing_backends_are_refused_clearly(backend):
         with pytest.raises(BackendUnavailable, match="not installed"):
             joint.solve(diamond(), Target("t", 700, alignment=1), time_limit=10, backend=backend,
                         warm_start=False)
+
+
+def test_the_driver_runs_joint_by_name_and_picks_it_when_capacity_is_short():
+    from planner import compile as driver
+
+    g = residual()
+    plan = driver.compile(g, Target("t", 200, alignment=1), planner="joint", time_limit=10)
+    assert plan.solver.formulation == "joint:ours"
+    assert plan.metrics["noncompulsory_bytes"] == 100
+    assert driver._auto(g, Target("t", 200, alignment=1)) == "joint"  # below max-live (300)
+
+
+@pytest.mark.parametrize("model", ["ours", "cosma", "cosma_fs"])
+def test_aligned_offsets(model):
+    g = residual()  # 100-byte tensors become 128-byte buffers at 64-byte alignment
+    assert bounds.m_r(g, alignment=64) == 256 and bounds.max_live(g, alignment=64) == 384
+    target = Target("t", 300, alignment=64)  # slack that an unaligned offset could use
+    result = joint.solve(g, target, time_limit=30, model=model, warm_start=False)
+    plan = assert_checked(g, result)
+    assert (result.status, result.objective) == ("optimal", 100)
+    assert all(b.offset % 64 == 0 for b in plan.buffers)
