@@ -14,9 +14,9 @@ import os
 import tempfile
 from typing import Any
 
-from frontends.common import FrontendError, Lowered
+from frontends.common import FrontendError, Lowered, with_elem_size
 
-__all__ = ["FrontendError", "Lowered", "load_model"]
+__all__ = ["FrontendError", "Lowered", "load_model", "with_elem_size"]
 
 
 def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None = None,

@@ -7,7 +7,8 @@ rules that do not depend on the source format when it finishes:
     weight gets a copy op after it;
   - element-wise ops list as in-place candidates the inputs that are roots,
     not weights, not graph outputs, and have the output's shape, dtype and size;
-  - `elem_size` (int8 studies) overrides every tensor's bytes per element.
+  - `elem_size` (int8 studies) overrides every tensor's bytes per element
+    (`with_elem_size` applies it to a finished lowering: one lowering, both sizes).
 Nothing here imports torch or onnx.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.graph import LifetimeGraph, Op, Tensor
@@ -53,6 +54,21 @@ def dtype_bytes(dtype: str, where: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise FrontendError(f"{where}: dtype {dtype!r} has no known element size")
     return DTYPE_BYTES[dtype]
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: str, elem_size: int | None) -> int:
+    """Bytes of a tensor: its element count times elem_size, or its dtype's size when elem_size is None."""
+    return math.prod(shape) * (elem_size or DTYPE_BYTES[dtype])
+
+
+def with_elem_size(lowered: Lowered, elem_size: int | None) -> Lowered:
+    """The lowering as if made with `elem_size` (None: every dtype's own size); graph and fingerprint
+    equal to lowering again with that elem_size, weights unchanged."""
+    if elem_size is not None and elem_size <= 0:
+        raise FrontendError(f"elem_size must be positive, got {elem_size}")
+    g = lowered.graph
+    tensors = tuple(replace(t, nbytes=tensor_nbytes(t.shape, t.dtype, elem_size)) for t in g.tensors)
+    return replace(lowered, graph=LifetimeGraph(g.name, tensors, g.ops))
 
 
 @dataclass
@@ -124,7 +140,7 @@ class GraphBuilder:
 
     def nbytes(self, tid: int) -> int:
         t = self._tensors[tid]
-        return math.prod(t.shape) * (self.elem_size or DTYPE_BYTES[t.dtype])
+        return tensor_nbytes(t.shape, t.dtype, self.elem_size)
 
     def finish(self, outputs: Sequence[int], copy_op: CopyOpFactory) -> tuple[LifetimeGraph, tuple[int, ...]]:
         """Mark graph outputs, copy those that own no storage, fill in-place candidates.

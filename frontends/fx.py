@@ -1,21 +1,35 @@
 """torch modules -> LifetimeGraph, through torch.export and the core ATen decompositions.
 
-`torch.export.export(module, inputs).run_decompositions()` gives a functional
-graph of core ATen ops with a fake tensor (shape, dtype) on every node. Each
+`torch.export.export(module, inputs).run_decompositions(table)` gives a functional
+graph of core ATen ops with a fake tensor (shape, dtype) on every node. The
+table is torch.export's default, less the element-wise activations that ATen
+computes in one kernel with an out= variant (hardswish, hardsigmoid, silu, mish,
+softplus, soft/hardshrink; `_KEPT_ACTIVATIONS`): decomposed, each would leave
+3-4 full-size intermediates that no runtime allocates and ONNX does not have. Each
 call_function node becomes one op; `getitem` nodes fold into the outputs of the
 multi-output op they index; every tensor an op returns is one of its outputs,
 read or not (max-pool's indices, BatchNorm's saved statistics), because the
 kernel writes it all the same. Nodes that return nothing are run-time
 assertions and are dropped. Parameters, buffers and constants become weights,
 user inputs become inputs. A result is a view when the op's schema says it
-aliases an argument (`Tensor(a)` returns that are not writes), plus
-`aten._unsafe_view`, which shares storage although its schema does not say so.
+aliases an argument (`Tensor(a)` returns that are not writes; every element of a
+`Tensor(a)[]` list, as split returns), plus `aten._unsafe_view`, which shares
+storage although its schema does not say so. Eval-mode modules first get the
+inference rewrites of frontends.fx_inference (BatchNorm folded into the
+preceding convolution, unread max-pool indices not computed).
+A graph output that reshapes (view / _unsafe_view) a result nothing else reads
+is written in its output shape by that result's op, which then carries
+"result_shapes" (below): the output owns storage without a copy, as at run time,
+where _unsafe_view exists for exactly this (a fresh mm result taking the
+(batch, seq, vocab) shape of an LM head's logits).
 FLOPs come from torch.utils.flop_counter's formulas (matmuls, convolutions,
 attention); every other op counts its output elements, views count zero.
 
 attrs of every op, enough to replay it through ATen:
   {"target": "aten.convolution.default", "args": [...], "kwargs": {...},
-   "results": [tuple position of each op output] or null for a single tensor}
+   "results": [tuple position of each op output] or null for a single tensor,
+   "result_shapes": [shape the kernel returns, or null where it is the tensor's own]
+                    (only on ops that write a reshaped graph output)}
 with tensors encoded as {"t": tensor id}, dtypes as {"dtype": "float32"},
 devices / layouts / memory formats as {"device": "cpu"} / {"layout": ...} /
 {"memory_format": ...}, non-finite floats as {"float": "inf"}.
@@ -29,33 +43,60 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from frontends.common import FrontendError, GraphBuilder, Lowered, json_float
+from frontends.fx_inference import InferenceRewrites, NewWeight, rewrite
 
 # storage-sharing ops whose schema carries no alias annotation
 _UNANNOTATED_VIEWS = frozenset({"aten._unsafe_view.default"})
+_RESHAPES = frozenset({"aten.view.default", "aten._unsafe_view.default"})
+_KEPT_ACTIVATIONS = ("hardswish", "hardsigmoid", "silu", "mish", "softplus", "softshrink", "hardshrink")
+
+
+def _decompose(ep):
+    """Core ATen, except the one-kernel activations (see the module docstring)."""
+    import torch
+
+    table = torch.export.default_decompositions()
+    for name in _KEPT_ACTIVATIONS:
+        table.pop(getattr(torch.ops.aten, name).default, None)
+    return ep.run_decompositions(table)
 
 
 def lower_module(module, example_inputs: Sequence[Any], *, name: str | None = None,
-                 elem_size: int | None = None) -> Lowered:
-    """Lower an nn.Module called on `example_inputs` (positional) to a Lowered graph."""
+                 elem_size: int | None = None, rewrites: InferenceRewrites | None = None) -> Lowered:
+    """Lower an nn.Module called on `example_inputs` (positional) to a Lowered graph.
+
+    `rewrites`: the inference rewrites (frontends.fx_inference); by default all of
+    them for a module in eval mode and none in training mode, where asking for
+    the inference-only ones is an error. `InferenceRewrites.none()` lowers the
+    graph as exported.
+    """
     import torch
 
     gname = name or type(module).__name__
+    if rewrites is None:
+        rewrites = InferenceRewrites.none() if module.training else InferenceRewrites()
+    elif rewrites.inference_only() and module.training:
+        raise FrontendError(f"{gname}: the module is in training mode; inference rewrites apply to eval "
+                            "graphs only (call .eval() or pass InferenceRewrites.none())")
     try:
-        ep = torch.export.export(module, tuple(example_inputs)).run_decompositions()
+        ep = _decompose(torch.export.export(module, tuple(example_inputs)))
     except Exception as e:  # export errors are long; the first line names the problem
         raise FrontendError(f"{gname}: torch.export failed: {_first_line(e)}") from e
-    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs=set())
+    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs=set(), rewrites=rewrites)
 
 
 def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = None,
-                       elem_size: int | None = None, weight_inputs: Collection[int] | None = None) -> Lowered:
+                       elem_size: int | None = None, weight_inputs: Collection[int] | None = None,
+                       rewrites: InferenceRewrites | None = None) -> Lowered:
     """Lower an fx.GraphModule (e.g. from Dynamo or AOTAutograd) run on `example_inputs`.
 
     Dynamo passes parameters and buffers as graph inputs; the inputs at the
     positions `weight_inputs` (by default: every nn.Parameter and every tensor
     Dynamo marked static, `_dynamo_static_input_type`, as it does module
     parameters and buffers) become tensors of kind "weight", still listed in
-    `inputs` in call order since the caller feeds them.
+    `inputs` in call order since the caller feeds them. No inference rewrites
+    unless asked for (these graphs may be training graphs; BatchNorm is folded
+    only into weights the graph owns, never into ones the caller feeds).
     """
     import torch
 
@@ -65,10 +106,11 @@ def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = 
                          if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
     weight_inputs = set(weight_inputs)
     try:
-        ep = torch.export.export(gm, tuple(example_inputs)).run_decompositions()
+        ep = _decompose(torch.export.export(gm, tuple(example_inputs)))
     except Exception as e:
         raise FrontendError(f"{gname}: torch.export failed: {_first_line(e)}") from e
-    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs)
+    return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs,
+                           rewrites or InferenceRewrites.none())
 
 
 def _first_line(e: BaseException) -> str:
@@ -102,15 +144,45 @@ class _Lowering:
         self.weights: dict[str, Any] = {}
         self.inputs: list[int] = []
         self.extra_outputs: list[int] = []  # buffer mutations: written back, not returned
+        self.specs = {s.arg.name: s for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+        self.reshaped: dict[Any, Any] = {}  # result node -> the output reshape its op writes directly
 
-    def add_placeholders(self, example_inputs: Sequence[Any]) -> None:
+    def find_output_reshapes(self) -> None:
+        """User outputs that view / _unsafe_view a result nothing else reads (see the module docstring)."""
+        import torch.fx
+        from torch.export.graph_signature import OutputKind
+
+        out_node = next(n for n in self.ep.graph.nodes if n.op == "output")
+        for spec, value in zip(self.ep.graph_signature.output_specs, out_node.args[0]):
+            if spec.kind != OutputKind.USER_OUTPUT or not isinstance(value, torch.fx.Node) \
+                    or str(value.target) not in _RESHAPES:
+                continue
+            src = value.args[0]
+            if len(src.users) == 1 and src not in self.reshaped and _owns_storage(src):
+                self.reshaped[src] = value
+
+    def constant_of(self, node) -> tuple[str, Any] | None:
+        """(name, value) of a placeholder that is a parameter, buffer or lifted constant; else None."""
         from torch.export.graph_signature import InputKind
 
-        specs = {s.arg.name: s for s in self.ep.graph_signature.input_specs if hasattr(s.arg, "name")}
+        s = self.specs.get(node.name) if node.op == "placeholder" else None
+        if s is None or s.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            return None
+        return s.target, self.ep.state_dict[s.target] if s.target in self.ep.state_dict else self.ep.constants[s.target]
+
+    def add_placeholders(self, example_inputs: Sequence[Any], new_weights: dict[str, NewWeight]) -> None:
+        from torch.export.graph_signature import InputKind
+
         nodes = {n.name: n for n in self.ep.graph.nodes if n.op == "placeholder"}
         user_index = 0
         for pname, node in nodes.items():
-            s = specs[pname]
+            if pname in new_weights:  # made by an inference rewrite (a folded convolution weight)
+                w = new_weights[pname]
+                tid = self.gb.tensor(w.name, w.value.shape, _dtype_name(w.value.dtype), "weight")
+                self.ids[node] = tid
+                self.weights[self.gb.tensor_name(tid)] = w.value
+                continue
+            s = self.specs[pname]
             val = node.meta.get("val")
             if s.kind == InputKind.USER_INPUT:
                 if not hasattr(val, "shape"):
@@ -125,8 +197,8 @@ class _Lowering:
             elif s.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 if not node.users:  # never read (e.g. BatchNorm's num_batches_tracked): not part of the plan
                     continue
-                value = self.ep.state_dict[s.target] if s.target in self.ep.state_dict else self.ep.constants[s.target]
-                tid = self.gb.tensor(s.target, value.shape, _dtype_name(value.dtype), "weight")
+                target, value = self.constant_of(node)
+                tid = self.gb.tensor(target, value.shape, _dtype_name(value.dtype), "weight")
                 self.ids[node] = tid
                 self.weights[self.gb.tensor_name(tid)] = value
             elif node.users:
@@ -136,8 +208,8 @@ class _Lowering:
         import torch
 
         target = node.target
-        if target is operator.getitem:
-            return  # folded: its tensor was created with the producer
+        if target is operator.getitem or node in self.ids:
+            return  # folded: its tensor was created with the producer (a getitem, or a reshaped output)
         if not isinstance(target, torch._ops.OpOverload):
             raise FrontendError(f"{self.gb.name}: node {node.name!r} calls {target!r}, which is not an ATen op")
         schema = target._schema
@@ -147,14 +219,19 @@ class _Lowering:
             if node.meta.get("val") is None and not node.users:
                 return  # a run-time assertion (aten._assert_tensor_metadata, ...): no data, nothing to plan
             raise FrontendError(f"{self.gb.name}: node {node.name!r} ({op_name}) returns no tensor")
-        getitem_names = {u.args[1]: u.name for u in node.users if u.target is operator.getitem}
+        getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         in_ids = [self.ids[a] for a in node.all_input_nodes if a in self.ids]
-        outs = []
+        outs, result_shapes = [], []
         for pos, val in results:
             alias = self._aliased_input(node, schema, op_name, 0 if pos is None else pos)
-            tname = node.name if pos is None else getitem_names.get(pos, f"{node.name}_{pos}")
-            tid = self.gb.tensor(tname, val.shape, _dtype_name(val.dtype), "activation", alias)
+            tname = node.name if pos is None else getattr(getitems.get(pos), "name", f"{node.name}_{pos}")
+            reshape = self.reshaped.get(node if pos is None else getitems.get(pos))
+            shape = val.shape if reshape is None else reshape.meta["val"].shape
+            tid = self.gb.tensor(tname, shape, _dtype_name(val.dtype), "activation", alias)
             self.ids[node if pos is None else (node, pos)] = tid
+            if reshape is not None:
+                self.ids[reshape] = tid
+            result_shapes.append(None if reshape is None else list(val.shape))
             outs.append(tid)
         for user in node.users:
             if user.target is operator.getitem:
@@ -166,9 +243,11 @@ class _Lowering:
             "kwargs": _encode(dict(node.kwargs), self.ids),
             "results": None if results[0][0] is None else [pos for pos, _ in results],
         }
+        if any(shape is not None for shape in result_shapes):
+            attrs["result_shapes"] = result_shapes
         self.gb.op(node.name, op_name, in_ids, outs,
                    flops=0.0 if is_view else _flops(node, target, results),
-                   elementwise=torch.Tag.pointwise in target.tags,
+                   elementwise=torch.Tag.pointwise in target.tags or op_name == "aten.hardswish.default",
                    recomputable=torch.Tag.nondeterministic_seeded not in target.tags,
                    attrs=attrs)
 
@@ -184,8 +263,12 @@ class _Lowering:
         if info.is_write:
             raise FrontendError(f"{self.gb.name}: node {node.name!r} ({op_name}) mutates its input; "
                                 "only functional graphs can be planned")
+        # Tensor(a)[] (split, unbind): Python sees the list's empty alias set, not its elements' "a"
+        is_list = str(schema.returns[pos].type).startswith("List")
         for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.before_set & info.before_set:
+            a = arg.alias_info
+            if a is not None and (a.before_set & info.before_set or (is_list and not info.before_set
+                                                                     and not a.is_write)):
                 value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
                 if value in self.ids:
                     return self.ids[value]
@@ -217,9 +300,11 @@ class _Lowering:
 
 
 def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
-                    weight_inputs: set[int]) -> Lowered:
+                    weight_inputs: set[int], rewrites: InferenceRewrites) -> Lowered:
     lw = _Lowering(ep, name, elem_size, weight_inputs)
-    lw.add_placeholders(example_inputs)
+    new_weights = rewrite(ep.graph, lw.constant_of, rewrites) if rewrites.any() else {}
+    lw.add_placeholders(example_inputs, new_weights)
+    lw.find_output_reshapes()
     for node in ep.graph.nodes:
         if node.op == "call_function":
             lw.add_call(node)
@@ -234,6 +319,18 @@ def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
 
     graph, outputs = lw.gb.finish([*user_outputs, *lw.extra_outputs], copy_op)
     return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx", constants)
+
+
+def _owns_storage(node) -> bool:
+    """Whether an fx node's value is a tensor result of its own (not a view, input or weight)."""
+    import torch
+
+    parent, pos = (node.args[0], node.args[1]) if node.target is operator.getitem else (node, 0)
+    if parent.op != "call_function" or not isinstance(parent.target, torch._ops.OpOverload) \
+            or str(parent.target) in _UNANNOTATED_VIEWS or not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    returns = parent.target._schema.returns
+    return bool(returns) and returns[min(pos, len(returns) - 1)].alias_info is None
 
 
 def _encode(value, ids: dict[Any, int]):

@@ -5,8 +5,10 @@ deleted still plans). `onnx_fold.resolve` gives every value a static shape and
 removes the nodes that only compute constants; what remains becomes ops:
   - initializers, the TorchScript exporter's Identity copies of them, and
     folded constants too large for attrs become weights;
-  - Reshape / Flatten / Squeeze / Unsqueeze / Identity outputs (and Dropout's
-    in inference mode) are views of their data input;
+  - Transpose, Split, Identity and inference-mode Dropout outputs are views of
+    their data input, and so are Reshape / Flatten / Squeeze / Unsqueeze outputs
+    where ATen's view would be (onnx_layout tracks strides; a reshape of a
+    permuted tensor is a copy, as in core ATen);
   - constants an op still reads go into its attrs, not into tensors;
   - with fuse=True (the default) MatMul + bias Add and the GELU / SiLU
     decompositions become single ops again (onnx_fuse).
@@ -35,8 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 from frontends import onnx_fuse
 from frontends.common import FrontendError, GraphBuilder, Lowered, json_float
 from frontends.onnx_fold import FOLD_LIMIT, StaticGraph, Value, base_dir_of, resolve
+from frontends.onnx_layout import view_nodes
 
-VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 ELEMENTWISE_OPS = frozenset({
     "Abs", "Acos", "Acosh", "Add", "And", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "Ceil", "Celu", "Clip",
     "Cos", "Cosh", "Div", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "LeakyRelu", "Log",
@@ -115,8 +117,9 @@ class _Lowering:
         v = self.s.values
         inputs = tuple(self.gb.tensor(x, v[x].shape, dtype_name(v[x].elem_type), "input") for x in self.s.inputs)
         self.ids.update(zip(self.s.inputs, inputs))
-        for kept in self.s.nodes:
-            self._add(kept.node, kept.name, kept.fused_from)
+        views = view_nodes(self.s)
+        for i, kept in enumerate(self.s.nodes):
+            self._add(kept.node, kept.name, kept.fused_from, i in views)
         outs = [self._tensor_of(x) for x in self.s.outputs]
 
         def copy_op(src: int, dst: int) -> tuple[str, dict[str, Any]]:
@@ -142,7 +145,7 @@ class _Lowering:
         self.ids[x] = self.ids[wname]
         return self.ids[x]
 
-    def _add(self, node: onnx.NodeProto, name: str, fused_from: tuple[str, ...]) -> None:
+    def _add(self, node: onnx.NodeProto, name: str, fused_from: tuple[str, ...], is_view: bool) -> None:
         v = self.s.values
         in_ids, positions, consts = [], [], {}
         for pos, x in enumerate(node.input):
@@ -155,7 +158,7 @@ class _Lowering:
                 in_ids.append(self._tensor_of(x))
                 positions.append(pos)
         op = node.op_type
-        view_of = in_ids[0] if positions[:1] == [0] and _is_view(node, consts) else None
+        view_of = in_ids[0] if positions[:1] == [0] and is_view else None
         out_ids, out_positions = [], []
         for pos, x in enumerate(node.output):
             if not x:
@@ -174,16 +177,6 @@ class _Lowering:
                                                        v[node.output[0]])
         self.gb.op(name, op, in_ids, out_ids, flops=flops, elementwise=op in ELEMENTWISE_OPS,
                    recomputable=view_of is not None or op not in _RANDOM_OPS, attrs=attrs)
-
-
-def _is_view(node: onnx.NodeProto, consts: dict[str, Any]) -> bool:
-    """Reshape and friends; also inference-mode Dropout (no mask output, not training), the identity."""
-    if node.op_type in VIEW_OPS:
-        return True
-    if node.op_type != "Dropout" or any(node.output[1:]) or (len(node.input) > 2 and node.input[2]
-                                                                 and "2" not in consts):
-        return False
-    return not ("2" in consts and consts["2"]["value"])
 
 
 def _flops(node: onnx.NodeProto, ins: list[Value | None], out: Value) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 
 from frontends import FrontendError, load_model
 from frontends.fx import lower_graph_module, lower_module
+from frontends.fx_inference import InferenceRewrites
 from frontends.onnx import lower_onnx, onnx_weights
 from frontends.onnx_fold import evaluate
 from planner.graph import LifetimeGraph
@@ -161,7 +162,9 @@ def replay_fx(lo, inputs):
         fn = getattr(getattr(getattr(torch.ops, namespace), name), overload)
         result = fn(*decode(op.attrs["args"]), **{k: decode(v) for k, v in op.attrs["kwargs"].items()})
         positions = op.attrs["results"]
-        env.update(zip(op.outputs, [result] if positions is None else [result[p] for p in positions]))
+        values = [result] if positions is None else [result[p] for p in positions]
+        # result_shapes: the op writes a reshaped graph output, in the tensor's shape
+        env.update((t, v.view(g.tensors[t].shape)) for t, v in zip(op.outputs, values))
     return [env[t] for t in lo.outputs]
 
 
@@ -213,11 +216,17 @@ def resnet_fx(resnet):
 
 
 @pytest.fixture(scope="module")
+def resnet_fx_raw(resnet):  # as exported: no inference rewrites
+    return lower_module(*resnet, rewrites=InferenceRewrites.none())
+
+
+@pytest.fixture(scope="module")
 def resnet_onnx_path(resnet, tmp_path_factory):
     return export(*resnet, tmp_path_factory.mktemp("cnn") / "resnet.onnx")
 
 
-def test_cnn_fx_lowering(resnet, resnet_fx):
+def test_cnn_fx_lowering(resnet, resnet_fx_raw):
+    resnet_fx = resnet_fx_raw
     g, module = resnet_fx.graph, resnet[0]
     assert resnet_fx.source == "fx"
     counts = collections.Counter(o.op_type for o in g.ops)
@@ -275,19 +284,16 @@ def test_cnn_onnx_matches_fx(resnet_onnx_path, resnet_fx):
     assert {t.name for t in g.tensors if t.kind == "weight"} <= {t.name for t in model.graph.initializer}
     # same structure where the exporters agree (BatchNorm is folded into Conv by the ONNX exporter)
     for onnx_type, fx_type in [("Conv", "aten.convolution.default"), ("Relu", "aten.relu.default"),
-                               ("Add", "aten.add.Tensor"), ("MaxPool", "aten.max_pool2d_with_indices.default"),
+                               ("Add", "aten.add.Tensor"), ("MaxPool", "aten.max_pool2d.default"),
                                ("Gemm", "aten.addmm.default")]:
         assert len(ops_of(g, onnx_type)) == len(ops_of(fx, fx_type)), onnx_type
     assert [o.flops for o in ops_of(g, "Conv")] == [o.flops for o in ops_of(fx, "aten.convolution.default")]
     assert [g.tensors[o.outputs[0]].shape for o in ops_of(g, "Relu")] == \
         [fx.tensors[o.outputs[0]].shape for o in ops_of(fx, "aten.relu.default")]
     assert g.tensors[lo.inputs[0]].shape == (2, 3, 16, 16) and g.tensors[lo.outputs[0]].shape == (2, 10)
-    # activation bytes agree exactly once fx's extra tensors are taken out: the BatchNorm outputs
-    # (their save_mean / save_invstd are empty) and max-pool's int64 indices, which ONNX never makes
-    bn_bytes = sum(fx.tensors[t].nbytes for o in ops_of(fx, "aten._native_batch_norm_legit_no_training.default")
-                   for t in o.outputs)
-    (mp,) = ops_of(fx, "aten.max_pool2d_with_indices.default")
-    assert activation_bytes(g) == activation_bytes(fx) - bn_bytes - fx.tensors[mp.outputs[1]].nbytes
+    # with BatchNorm folded and max-pool's indices dropped in fx, both lowerings own the same buffers
+    assert sorted(t.nbytes for t in g.tensors if t.alias_of is None and t.kind in ("activation", "output")) == \
+        sorted(t.nbytes for t in fx.tensors if t.alias_of is None and t.kind in ("activation", "output"))
     # views and in-place candidates
     (flat,) = ops_of(g, "Flatten")
     assert g.tensors[flat.outputs[0]].alias_of == flat.inputs[0] and flat.flops == 0
@@ -300,6 +306,46 @@ def test_cnn_onnx_matches_fx(resnet_onnx_path, resnet_fx):
                                              "pads": [0, 0, 0, 0], "strides": [2, 2]},
         "const_inputs": {}, "input_positions": [0], "output_positions": [0]}
     assert_static_and_serialisable(g)
+
+
+def test_cnn_inference_rewrites(resnet, resnet_fx, resnet_fx_raw):
+    """Eval graphs: BatchNorm folded into the convolution before it, unread max-pool indices not computed."""
+    g, raw, module = resnet_fx.graph, resnet_fx_raw.graph, resnet[0]
+    assert not ops_of(g, "aten._native_batch_norm_legit_no_training.default")
+    assert len(ops_of(raw, "aten._native_batch_norm_legit_no_training.default")) == 3
+    assert len(ops_of(g, "aten.convolution.default")) == 3 and len(g.ops) == len(raw.ops) - 3
+    # folded weights replace the conv weights and the BatchNorm parameters and statistics
+    assert set(resnet_fx.weights) == {f"{c}.{w}+bn" for c in ("stem", "conv1", "conv2") for w in ("weight", "bias")} \
+        | {"fc.weight", "fc.bias"}
+    for conv_name, bn in (("stem", module.bn0), ("conv1", module.bn1), ("conv2", module.bn2)):
+        conv = getattr(module, conv_name)
+        k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        assert torch.allclose(resnet_fx.weights[f"{conv_name}.weight+bn"], conv.weight * k[:, None, None, None])
+        assert torch.allclose(resnet_fx.weights[f"{conv_name}.bias+bn"], bn.bias - bn.running_mean * k)
+    stem = ops_of(g, "aten.convolution.default")[0]
+    assert [g.tensors[t].name for t in stem.inputs[1:]] == ["stem.weight+bn", "stem.bias+bn"]
+    assert stem.attrs["args"][2] == {"t": stem.inputs[2]}  # the folded bias is the convolution's bias argument
+    # max-pool: values only, same arguments; 2 x 8 x 8 x 8 int64 indices and 6 BatchNorm outputs fewer
+    (mp,) = ops_of(g, "aten.max_pool2d.default")
+    (mp_raw,) = ops_of(raw, "aten.max_pool2d_with_indices.default")
+    assert len(mp.outputs) == 1 and mp.attrs["args"][1:] == mp_raw.attrs["args"][1:] and mp.attrs["results"] is None
+    bn_bytes = sum(raw.tensors[t].nbytes for o in ops_of(raw, "aten._native_batch_norm_legit_no_training.default")
+                   for t in o.outputs)
+    assert activation_bytes(raw) - activation_bytes(g) == bn_bytes + 2 * 8 * 8 * 8 * 8
+    assert_static_and_serialisable(g)
+    with torch.no_grad():
+        (got,) = replay_fx(resnet_fx, resnet[1])
+        assert torch.allclose(got, module(*resnet[1]), atol=1e-5)
+    # training mode: none by default (its BatchNorm is another op), and asking for them is an error
+    train = SmallResNet().train()
+    lo = lower_module(train, resnet[1])
+    assert ops_of(lo.graph, "aten.max_pool2d_with_indices.default") and not ops_of(lo.graph, "aten.max_pool2d.default")
+    with pytest.raises(FrontendError, match="SmallResNet: the module is in training mode; inference rewrites"):
+        lower_module(train, resnet[1], rewrites=InferenceRewrites(fold_batchnorm=False))
+    # each rewrite is one switch
+    only_pool = lower_module(*resnet, rewrites=InferenceRewrites(fold_batchnorm=False)).graph
+    assert len(ops_of(only_pool, "aten._native_batch_norm_legit_no_training.default")) == 3
+    assert ops_of(only_pool, "aten.max_pool2d.default")
 
 
 def test_onnx_weights_optional(resnet, resnet_onnx_path, tmp_path):
@@ -364,7 +410,11 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
     # shape arithmetic is gone: folded into constants the remaining ops carry
     assert not {o.op_type for o in g.ops} & {"Shape", "Concat", "Constant", "Range", "ConstantOfShape"}
     assert any(o.attrs["const_inputs"] for o in ops_of(g, "Reshape"))
-    assert all(g.tensors[o.outputs[0]].alias_of is not None for o in ops_of(g, "Reshape"))
+    # Reshapes are views, except of the permuted attention context: a copy, as core ATen's clone + _unsafe_view
+    for o in ops_of(g, "Reshape"):
+        permuted = g.tensors[o.inputs[0]].alias_of is not None and g.ops[g.producer[o.inputs[0]]].op_type == "Transpose"
+        assert (g.tensors[o.outputs[0]].alias_of is None) == permuted, o.name
+    assert sum(g.tensors[o.outputs[0]].alias_of is None for o in ops_of(g, "Reshape")) == 2  # one per layer
     # the exporter's decompositions are fused back: one GELU per layer, linear = MatMul + bias
     gelu = ops_of(g, "Gelu")
     assert len(gelu) == 2
@@ -381,8 +431,7 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
     (got,) = replay_onnx(with_data, [x.numpy() for x in inputs], opset=17)
     assert np.allclose(got, expected.numpy(), atol=1e-4)
     # Total activation bytes agree within 5%. What remains different: fx's LayerNorm also returns
-    # mean and rstd; fx computes the causal mask / position ids at run time where ONNX folded them
-    # to constants; ONNX Split copies q, k, v where ATen takes strided views (GPT-2).
+    # mean and rstd; fx computes the position ids at run time where ONNX folded them to constants.
     act_fx, act_onnx = activation_bytes(fx.graph), activation_bytes(g)
     assert abs(act_onnx - act_fx) <= 0.05 * act_fx, (act_fx, act_onnx)
     unfused = lower_onnx(path, input_shapes=shapes, fuse=False).graph
@@ -556,13 +605,18 @@ def test_dynamo_and_aot_autograd_graph_modules():
     torch._dynamo.reset()
     torch.compile(module, backend=backend)(x).sum().backward()
     lo = lower_graph_module(*captured["dynamo"])
-    g, ref = lo.graph, lower_module(module, (x,)).graph
+    g, ref = lo.graph, lower_module(module, (x,), rewrites=InferenceRewrites.none()).graph
     # Dynamo passes parameters and buffers as inputs; they are weights, the image is the one input
     assert [g.tensors[t].kind for t in lo.inputs].count("input") == 1
     assert sum(t.kind == "weight" for t in g.tensors) == sum(t.kind == "weight" for t in ref.tensors)
     assert len(lo.weights) == sum(t.kind == "weight" for t in g.tensors)
     assert collections.Counter(o.op_type for o in g.ops) == collections.Counter(o.op_type for o in ref.ops)
     assert activation_bytes(g) == activation_bytes(ref)
+    # asked for, the rewrites drop max-pool's indices; BatchNorm stays: its weights are fed by the caller
+    rewritten = lower_graph_module(*captured["dynamo"], rewrites=InferenceRewrites()).graph
+    assert len(ops_of(rewritten, "aten._native_batch_norm_legit_no_training.default")) == 3
+    assert ops_of(rewritten, "aten.max_pool2d.default")
+    assert not ops_of(rewritten, "aten.max_pool2d_with_indices.default")
     # AOTAutograd's backward returns one gradient per forward input: None where none is needed
     bw_gm, bw_inputs = captured["bw"]
     bw = lower_graph_module(bw_gm, bw_inputs, name="bw")

@@ -59,7 +59,8 @@ def view(op_type: str, x: torch.Tensor, out_shape: Sequence[int]) -> torch.Tenso
 
 def view_outputs(attrs: dict, x: torch.Tensor, out_shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """The outputs of an ONNX op lowered as views of x (frontends.onnx_layout decides which are):
-    Transpose permutes, Split narrows (the node's present outputs), the reshapes view."""
+    Transpose permutes, Split and Slice narrow, Gather of a scalar selects, Expand broadcasts,
+    the reshapes view. Parameters come from the op's constant inputs or attributes."""
     op, a = attrs["onnx_op"], attrs.get("attributes", {})
     if op == "Transpose":
         return [x.permute(list(a.get("perm", reversed(range(x.dim())))))]
@@ -73,6 +74,20 @@ def view_outputs(attrs: dict, x: torch.Tensor, out_shapes: Sequence[Sequence[int
         else:
             pieces = torch.split(x, [int(v) for v in sizes], axis)
         return [pieces[p] for p in positions]
+    consts = {int(k): torch.tensor(floats(v["value"])).reshape(-1).tolist()
+              for k, v in attrs.get("const_inputs", {}).items()}
+    if op == "Slice":
+        starts, ends = consts.get(1, a.get("starts")), consts.get(2, a.get("ends"))
+        axes = consts.get(3, a.get("axes", list(range(len(starts)))))
+        index = [slice(None)] * x.dim()
+        for st, en, ax, sp in zip(starts, ends, axes, consts.get(4, [1] * len(starts))):
+            index[ax % x.dim()] = slice(st, en, sp)  # positive steps: Python clamps as ONNX does
+        return [x[tuple(index)]]
+    if op == "Gather":  # one scalar index: select
+        axis = int(a.get("axis", 0)) % x.dim()
+        return [x.select(axis, int(consts[1][0]) % x.shape[axis])]
+    if op == "Expand":
+        return [x.expand(tuple(out_shapes[0]))]
     return [view(op, x, out_shapes[0])]
 
 
