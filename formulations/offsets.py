@@ -15,11 +15,12 @@ Methods (`solve(method=...)`):
   greedy_size  TFLite: largest first, each at the lowest offset free over its lifetime
   first_fit    by start time, lowest free offset
   best_fit     XLA heap-simulator style: by start time, the tightest free gap that fits
-  improve      the above plus several orders and a local repair of the buffers at the top
+  improve      greedy in several orders, then a local repair of the buffers at the top (<= 2 s)
   exact        branch and bound in the spirit of MiniMalloc (offsets_exact.py)
   cpsat        OR-Tools CP-SAT with NoOverlap2D (offsets_solvers.py)
   milp         PuLP/CBC with one order binary per overlapping pair (offsets_solvers.py)
-  auto         heuristics; done if at the lower bound; else exact search, then CP-SAT
+  auto         heuristics; done if they fit (or reach the bound); else exact search raced
+               against CP-SAT runs in threads (offsets_auto.py)
 Size: n buffers, S sections, P overlapping pairs (P binaries in the MILP, none elsewhere).
 Omits: MiniMalloc's `gaps` (a buffer read with gaps is treated as live throughout: safe,
 possibly larger) and fixed offsets (an `offset` column is read as a hint).
@@ -47,6 +48,7 @@ from planner.target import align_up
 
 METHODS = ("auto", "greedy_size", "first_fit", "best_fit", "improve", "exact", "cpsat", "milp")
 STATUSES = ("optimal", "feasible", "infeasible", "unknown")
+IMPROVE_SECONDS = 2.0  # the `improve` method's own time cap
 
 
 class OffsetsInputError(ValueError):
@@ -86,6 +88,7 @@ class Options:
     memo: bool = False  # exact: remember failed subproblems (rarely hits on the MiniMalloc suite)
     improve: bool = True  # auto: local repair after the greedy placements
     race: bool = True  # auto: CP-SAT in threads alongside exact search (else: exact, then CP-SAT)
+    exact_alone: float = 2.0  # auto: seconds of full CPU for exact search in the race, then half
     cpsat_orders: tuple[str, ...] = ("start", "widest")  # auto: one CP-SAT run per buffer order
     cpsat_strategy: bool = True  # cpsat: lowest offset first, in the given buffer order
     cpsat_fixed: bool = False  # cpsat: only that strategy (FIXED_SEARCH) instead of mixing in its own
@@ -212,8 +215,8 @@ def _run(inst: Instance, method: str, cap: int | None, deadline: float, options:
         return Outcome([], "optimal", 0, method)
     if method in offsets_heuristics.ORDERED:
         return offsets_heuristics.run(inst, method, cap)
-    if method == "improve":
-        return offsets_heuristics.improve(inst, cap, deadline)
+    if method == "improve":  # a quick step: at most IMPROVE_SECONDS
+        return offsets_heuristics.improve(inst, cap, min(deadline, time.perf_counter() + IMPROVE_SECONDS))
     if method == "exact":
         best = offsets_heuristics.best_greedy(inst, cap)
         return offsets_exact.run(inst, cap, deadline, options, best)

@@ -82,8 +82,11 @@ class _Search:
         self.offset = [-1] * n
         self.top = np.full(n, -1, dtype=np.int64)  # offset + size once placed
         self.excluded = np.zeros(n, dtype=bool)  # may not go exactly at the current floor
+        self.eff = np.empty(n, dtype=np.int64)  # scratch for sections_fit
         self.trail: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.nodes = 0
+        self.polite_after: float | None = None  # see checkpoint()
+        self.last_check = time.perf_counter()
         self.by_buffer = by_buffer  # branch on one buffer (at the floor or not) instead of on a section
         spans = self.last - self.first
         sections_of = np.repeat(self.first, spans) + _ramp(spans)
@@ -117,6 +120,18 @@ class _Search:
             self.offset[b] = -1
             self.top[b] = -1
 
+    def checkpoint(self) -> None:
+        """Stop at the deadline or when the race is over; past `polite_after`, sleep as long as
+        the search ran since the last checkpoint (half the CPU for the CP-SAT threads)."""
+        now = time.perf_counter()
+        if now > self.deadline or (self.stop is not None and self.stop.is_set()):
+            raise _Timeout
+        if self.polite_after is not None and now > self.polite_after:
+            if self.stop is not None and self.stop.wait(min(now - self.last_check, self.deadline - now)):
+                raise _Timeout
+            now = time.perf_counter()
+        self.last_check = now
+
     # ---- search -------------------------------------------------------------------------------
     def solve(self) -> bool:
         comp = np.arange(self.inst.n, dtype=np.int64)
@@ -130,8 +145,8 @@ class _Search:
         self.nodes += 1
         if self.nodes > self.budget:
             raise _Budget
-        if not self.nodes & 127 and (time.perf_counter() > self.deadline or (self.stop and self.stop.is_set())):
-            raise _Timeout
+        if not self.nodes & 127:
+            self.checkpoint()
         opt = self.opt
         if opt.decomposition and comp.size > 1:
             parts = self.split(comp, lo, hi, floor)
@@ -174,10 +189,9 @@ class _Search:
         bottom = (h <= floor) & (left > 0)
         slack = self.cap - floor - left
         cands = comp[at_floor]
-        cover = np.zeros(hi - lo + 1, dtype=np.int64)
-        np.add.at(cover, self.first[cands] - lo, 1)
-        np.add.at(cover, self.last[cands] - lo, -1)
-        cover = np.cumsum(cover[:-1])
+        span = hi - lo + 1
+        cover = np.cumsum(np.bincount(self.first[cands] - lo, minlength=span)
+                          - np.bincount(self.last[cands] - lo, minlength=span))[:-1]
         if (bottom & (slack == 0) & (cover == 0)).any():
             return False  # a full section whose bottom nobody can fill
         if self.by_buffer:  # the first candidate in rank order: at the floor, or not
@@ -237,8 +251,11 @@ class _Search:
                      at_floor: np.ndarray) -> bool:
         """In every section the unplaced units fit above the lowest offset that any of its unplaced
         buffers can still take (the floor for those that may go there, else above it)."""
-        eff = np.full(self.inst.n, _INF, dtype=np.int64)
-        eff[comp] = np.where(at_floor, floor, np.maximum(low, floor + 1))
+        eff = self.eff
+        eff.fill(_INF)
+        lowest = np.maximum(low, floor + 1)
+        lowest[at_floor] = floor
+        eff[comp] = lowest
         a, b = self.inc_start[lo], self.inc_start[hi]
         starts = self.inc_start[lo:hi] - a
         lowest = np.minimum.reduceat(eff[self.inc_buffer[a:b]], np.minimum(starts, max(b - a - 1, 0)))
@@ -305,8 +322,8 @@ def _rank(order: np.ndarray) -> np.ndarray:
     return rank
 
 
-def decide(inst: Instance, cap: int, deadline: float, options: Options,
-           stop: threading.Event | None = None) -> tuple[str, list[int] | None, int]:
+def decide(inst: Instance, cap: int, deadline: float, options: Options, stop: threading.Event | None = None,
+           polite_after: float | None = None) -> tuple[str, list[int] | None, int]:
     """Fit into `cap` units: ("feasible", offsets), ("infeasible", None) or ("unknown", None); and nodes.
     With several orders: runs of growing node budgets, first the plain orders, then jittered ones."""
     if inst.lower_bound() > cap:
@@ -324,6 +341,7 @@ def decide(inst: Instance, cap: int, deadline: float, options: Options,
         if run >= 2 * len(base) and (run // len(base)) % 2:  # odd later rounds: orders shuffled locally
             rank = _rank(np.argsort(rank + rng.normal(0.0, 0.05 * inst.n, inst.n), kind="stable"))
         search = _Search(inst, cap, options, deadline, rank, budget, memo, stop, by_buffer)
+        search.polite_after = polite_after
         try:
             found = search.solve()
         except _Budget:
@@ -339,18 +357,19 @@ def decide(inst: Instance, cap: int, deadline: float, options: Options,
 
 
 def run(inst: Instance, cap: int | None, deadline: float, options: Options, incumbent: Outcome,
-        stop: threading.Event | None = None) -> Outcome:
-    """Decide a capacity, or (cap None) minimise the arena by probes below the incumbent."""
+        stop: threading.Event | None = None, polite_after: float | None = None) -> Outcome:
+    """Decide a capacity, or (cap None) minimise the arena by probes below the incumbent.
+    `stop` ends the search early; past `polite_after` it uses half the CPU (see checkpoint)."""
     if cap is not None:
-        status, offsets, _ = decide(inst, cap, deadline, options, stop)
+        status, offsets, _ = decide(inst, cap, deadline, options, stop, polite_after)
         if status == "infeasible":
             return Outcome(None, "infeasible", cap + 1, "exact")
         return outcome(inst, offsets, cap, "exact")
-    return minimise(inst, deadline, options, incumbent, stop)
+    return minimise(inst, deadline, options, incumbent, stop, polite_after)
 
 
 def minimise(inst: Instance, deadline: float, options: Options, incumbent: Outcome,
-             stop: threading.Event | None = None) -> Outcome:
+             stop: threading.Event | None = None, polite_after: float | None = None) -> Outcome:
     """Probe capacities between the proven bound and the best arena: the bound itself first (often
     the answer), then bisection. A probe that runs out of its time share moves the search up
     without raising the proven bound."""
@@ -361,9 +380,9 @@ def minimise(inst: Instance, deadline: float, options: Options, incumbent: Outco
     while lo < hi and time.perf_counter() < deadline and not (stop and stop.is_set()):
         mid = lo if first else (lo + hi) // 2
         first = False
-        probes = max(1, (hi - lo).bit_length())
+        probes = max(1, (hi - lo).bit_length()) * (3 if mid == proven else 1)  # the bound: a short look
         share = time.perf_counter() + (deadline - time.perf_counter()) / probes
-        status, offsets, _ = decide(inst, mid, min(deadline, share), options, stop)
+        status, offsets, _ = decide(inst, mid, min(deadline, share), options, stop, polite_after)
         if status == "feasible":
             best = better(best, outcome(inst, offsets, None, "exact"))
             hi = best.arena

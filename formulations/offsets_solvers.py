@@ -127,7 +127,10 @@ def milp(inst: Instance, cap: int | None, deadline: float, options: Options, inc
             if v.name.startswith("z_"):
                 i, j = map(int, v.name[2:].split("_"))
                 v.setInitialValue(int(incumbent.offsets[i] < incumbent.offsets[j]))
-    solver = _cbc(msg=False, timeLimit=max(1, int(left)), threads=1, warmStart=warm)
+    left = deadline - time.perf_counter()  # building the pairs took some of it
+    if left < 0.5:
+        return Outcome(None, "unknown", lb, "milp")
+    solver = _cbc(msg=False, timeLimit=max(1, int(left) - 1), threads=1, warmStart=warm)
     prob.solve(solver)
     state = pulp.LpStatus[prob.status]
     if state == "Infeasible":
