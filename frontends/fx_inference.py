@@ -7,6 +7,11 @@ low-memory max-pool) remove both; so do these rewrites, in this order:
   - cse: nodes calling the same op on the same arguments (same types, values
     and nodes) collapse into the first; random ops never do (NAS cells apply
     ReLU to one input in several branches);
+  - drop_clones: aten.clone of a contiguous value (eval-mode Dropout exports as
+    one) is that value, in a functional graph: readers read it directly. A clone
+    of a strided view (core ATen's reshape = clone + _unsafe_view) stays, and so
+    does any clone whose storage root is not contiguous, since replay lays out
+    every root contiguously;
   - fold_batchnorm: convolution -> _native_batch_norm_legit_no_training, where the
     convolution's output is read by nothing else, BatchNorm's saved statistics are
     read by nobody, the convolution is not transposed and every weight involved is
@@ -21,7 +26,8 @@ low-memory max-pool) remove both; so do these rewrites, in this order:
     ATen has no values-only kernel on CUDA).
 Training graphs never get the last two: `lower_module` refuses them for a module
 in training mode (its BatchNorm is another op, and its forward graph returns the
-pooling indices for the backward); CSE is valid on any functional graph. Each
+pooling indices for the backward); CSE and dropping clones are valid on any
+functional graph. Each
 rewrite is one switch of `InferenceRewrites`; `rewrite` mutates the fx graph in
 place and returns the new weights by placeholder name.
 """
@@ -42,15 +48,16 @@ _POOLS = {"aten.max_pool2d_with_indices.default": "max_pool2d",
 @dataclass(frozen=True)
 class InferenceRewrites:
     cse: bool = True  # common subexpressions computed once
+    drop_clones: bool = True  # clones of contiguous values (eval Dropout) read the value itself
     fold_batchnorm: bool = True  # BatchNorm after a convolution folded into its weights
     drop_pool_indices: bool = True  # max-pool indices nobody reads are not computed
 
     @classmethod
     def none(cls) -> InferenceRewrites:
-        return cls(cse=False, fold_batchnorm=False, drop_pool_indices=False)
+        return cls(cse=False, drop_clones=False, fold_batchnorm=False, drop_pool_indices=False)
 
     def any(self) -> bool:
-        return self.cse or self.inference_only()
+        return self.cse or self.drop_clones or self.inference_only()
 
     def inference_only(self) -> bool:
         """Whether a rewrite that is wrong for training graphs is on."""
@@ -72,6 +79,8 @@ def rewrite(graph, constant_of: ConstantOf, passes: InferenceRewrites) -> dict[s
     new: dict[str, NewWeight] = {}
     if passes.cse:
         _eliminate_common_subexpressions(graph)
+    if passes.drop_clones:
+        _drop_clones(graph)
     if passes.fold_batchnorm:
         new.update(_fold_batchnorm(graph, constant_of))
     if passes.drop_pool_indices:
@@ -132,6 +141,34 @@ def _eliminate_common_subexpressions(graph) -> None:
             graph.erase_node(node)
         else:
             first[key] = node
+
+
+def _drop_clones(graph) -> None:
+    import torch
+
+    keep_layout = (None, torch.contiguous_format, torch.preserve_format)
+    for node in [n for n in graph.nodes if _target(n) == "aten.clone.default"]:
+        src = node.args[0]
+        if node.kwargs.get("memory_format") in keep_layout and _contiguous(src) and _contiguous(_storage_root(src)):
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+
+
+def _contiguous(node) -> bool:
+    val = node.meta.get("val")
+    return hasattr(val, "is_contiguous") and val.is_contiguous()
+
+
+def _storage_root(node):
+    """The node whose result owns the storage `node` views (following alias-annotated first arguments)."""
+    import torch
+
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        returns = node.target._schema.returns
+        if not (returns and returns[0].alias_info is not None) and str(node.target) != "aten._unsafe_view.default":
+            break
+        node = node.args[0]
+    return node
 
 
 def _replace_by(node, replacement, graph) -> None:
