@@ -5,6 +5,8 @@
   - "zoo:NAME[:k=v,...]"              -> models.build, then fx (or, via="onnx",
                                          models.export_onnx to a temp file, then ONNX)
   - an nn.Module with example_inputs  -> frontends.fx.lower_module
+Eval-mode torch modules get the fx inference rewrites (frontends.fx_inference)
+unless `rewrites` says otherwise (InferenceRewrites.none(): the graph as exported).
 torch and onnx are imported only when a frontend that needs them runs.
 """
 
@@ -21,12 +23,16 @@ __all__ = ["FrontendError", "Lowered", "load_model", "with_elem_size"]
 
 def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
                elem_size: int | None = None, via: str = "fx", example_inputs=None,
-               name: str | None = None) -> Lowered:
-    """Lower an ONNX path, a "zoo:" model spec or an nn.Module (with example_inputs)."""
+               name: str | None = None, rewrites=None) -> Lowered:
+    """Lower an ONNX path, a "zoo:" model spec or an nn.Module (with example_inputs).
+
+    `rewrites`: a frontends.fx_inference.InferenceRewrites for torch models lowered
+    through fx (None: lower_module's default); ONNX lowerings ignore it.
+    """
     if via not in ("fx", "onnx"):
         raise FrontendError(f"via must be 'fx' or 'onnx', not {via!r}")
     if isinstance(source, str) and source.startswith("zoo:"):
-        return _load_zoo(source, input_shapes, elem_size, via, name)
+        return _load_zoo(source, input_shapes, elem_size, via, name, rewrites)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not path.lower().endswith(".onnx"):
@@ -41,12 +47,12 @@ def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None =
         _no_input_shapes(input_shapes, type(source).__name__)
         from frontends.fx import lower_module
 
-        return lower_module(source, tuple(example_inputs), name=name, elem_size=elem_size)
+        return lower_module(source, tuple(example_inputs), name=name, elem_size=elem_size, rewrites=rewrites)
     raise FrontendError(f"cannot load a model from a {type(source).__name__}; "
                         "pass a .onnx path, a zoo:NAME spec or an nn.Module")
 
 
-def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: str | None) -> Lowered:
+def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: str | None, rewrites) -> Lowered:
     import models
 
     try:
@@ -73,7 +79,7 @@ def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: st
         module, inputs = models.build(model_name, **params)
     except models.ModelSpecError as e:
         raise FrontendError(str(e)) from e
-    return lower_module(module, inputs, name=name or spec, elem_size=elem_size)
+    return lower_module(module, inputs, name=name or spec, elem_size=elem_size, rewrites=rewrites)
 
 
 def _is_module(obj: Any) -> bool:

@@ -549,10 +549,12 @@ def test_bad_inputs(tmp_path):
         load_model(dyn)
 
 
-def test_load_model_dispatch(resnet, resnet_fx, tmp_path):
+def test_load_model_dispatch(resnet, resnet_fx, resnet_fx_raw, tmp_path):
     module, inputs = resnet
     via_module = load_model(module, example_inputs=inputs)
     assert via_module.graph.fingerprint == resnet_fx.graph.fingerprint
+    as_exported = load_model(module, example_inputs=inputs, rewrites=InferenceRewrites.none())
+    assert as_exported.graph.fingerprint == resnet_fx_raw.graph.fingerprint
     with pytest.raises(FrontendError, match="needs example_inputs"):
         load_model(module)
     path = _shape_graph(tmp_path / "fixed.onnx", symbolic=False)

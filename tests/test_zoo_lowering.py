@@ -21,6 +21,7 @@ from torch import nn
 import models
 from frontends import load_model, with_elem_size
 from frontends.fx import lower_module
+from frontends.fx_inference import InferenceRewrites
 from frontends.onnx import lower_onnx
 from frontends.onnx_layout import Layout, contiguous, matmul_copies, view_strides
 from planner.compile import compile as plan_graph
@@ -176,6 +177,36 @@ def test_lm_head_output_is_written_in_its_shape():
     assert all(g.tensors[t].alias_of == g.root(split.inputs[0]) for t in split.outputs)
     plan = plan_graph(g, T64, planner="baseline")
     assert max_rel_error(Executor.from_lowered(lo, plan).run(*inputs), _eager(module, inputs)) <= 1e-5
+
+
+class Branches(nn.Module):
+    """relu(x) written twice (as NAS cells do), an eval-mode Dropout, and a reshape of a permuted input."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.drop((torch.relu(x) + 1.0) * torch.relu(x))
+        return y, x.permute(0, 2, 1).reshape(x.shape[0], -1) * 2.0
+
+
+def test_cse_and_identity_clones():
+    module, x = Branches().eval(), torch.randn(2, 3, 4)
+    raw, lo = lower_module(module, (x,), rewrites=InferenceRewrites.none()), lower_module(module, (x,))
+
+    def count(g, op_type):
+        return sum(o.op_type == op_type for o in g.ops)
+    assert count(raw.graph, "aten.relu.default") == 2 and count(lo.graph, "aten.relu.default") == 1
+    # the Dropout's clone goes; the clone that materialises the permuted input for reshape stays
+    assert count(raw.graph, "aten.clone.default") == 2 and count(lo.graph, "aten.clone.default") == 1
+    (clone,) = [o for o in lo.graph.ops if o.op_type == "aten.clone.default"]
+    assert lo.graph.tensors[clone.inputs[0]].alias_of == lo.inputs[0]
+    assert activation_bytes(raw.graph) - activation_bytes(lo.graph) == 2 * (2 * 3 * 4 * 4)
+    no_cse = lower_module(module, (x,), rewrites=InferenceRewrites(cse=False)).graph
+    assert count(no_cse, "aten.relu.default") == 2 and count(no_cse, "aten.clone.default") == 1
+    plan = plan_graph(lo.graph, T64, planner="baseline")
+    assert max_rel_error(Executor.from_lowered(lo, plan).run(x), _eager(module, (x,))) <= 1e-6
 
 
 def test_batchnorm_folded_models_replay_equal_to_eager():
