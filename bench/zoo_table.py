@@ -1,6 +1,7 @@
 """The zoo table: every registry model lowered through fx and through ONNX.
 
     .venv/bin/python -m bench.zoo_table [--models a,b] [--small] [-o bench/results/zoo.md]
+    .venv/bin/python -m bench.zoo_table --from-json bench/results/zoo.json   # re-render only
 
 Each model is built at batch 1 (with --small: its CI parameters) and lowered
 once per frontend; the int8 figures (elem_size 1, as `memplan inspect
@@ -56,7 +57,7 @@ def ratio(rows: list[dict], model: str, elem_size: int) -> float | None:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | via | ops | tensors | activations fp32 | weights fp32 | M_R fp32 | max-live fp32 | "
-             "activations int8 | M_R int8 | max-live int8 | ONNX/fx activations |",
+             "activations int8 | M_R int8 | max-live int8 | ONNX/fx activations fp32, int8 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_key = {(r["model"], r["via"], r["elem_size"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -66,12 +67,13 @@ def markdown(rows: list[dict]) -> str:
                 error = (fp32 or {}).get("error", "not run")
                 lines.append(f"| {model} | {via} | error: {error} |" + " |" * 9)
                 continue
-            r = ratio(rows, model, 4) if via == "onnx" else None
+            r4, r1 = (ratio(rows, model, e) for e in (4, 1))
+            ratios = f"{r4:.3f}, {r1:.3f}" if via == "onnx" and r4 and r1 else ""
             lines.append(f"| {model} | {via} | {fp32['ops']} | {fp32['tensors']} | "
                          f"{format_size(fp32['activation_bytes'])} | {format_size(fp32['weight_bytes'])} | "
                          f"{format_size(fp32['M_R'])} | {format_size(fp32['max_live'])} | "
                          f"{format_size(int8['activation_bytes'])} | {format_size(int8['M_R'])} | "
-                         f"{format_size(int8['max_live'])} | {'' if r is None else f'{r:.3f}'} |")
+                         f"{format_size(int8['max_live'])} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,7 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated registry names (default: all)")
     ap.add_argument("--small", action="store_true", help="use each model's small CI parameters")
     ap.add_argument("-o", "--output", default="bench/results/zoo.md")
+    ap.add_argument("--from-json", default=None, help="render the table of an earlier run's JSON, lowering nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text())), end="")
+        return 0
     names = args.models.split(",") if args.models else [n for n in models.names() if models.spec(n).family != "hf"]
     rows: list[dict] = []
     for name in names:
