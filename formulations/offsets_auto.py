@@ -11,7 +11,9 @@
    and the highest bound of all are kept. The methods are complementary: on the MiniMalloc
    suite exact search alone solves A B C D J, CP-SAT by earliest start A B C E G H, CP-SAT by
    widest lifetime C F G I K. The exact search, which solves its instances fast or not at all,
-   takes half the CPU after `Options.exact_alone` seconds: three solvers share two cores.
+   takes a third of the CPU after `Options.exact_alone` seconds, and every CP-SAT run but the
+   last stops at `Options.early_share` of the time: three solvers share two cores, and each
+   solves its instances fast or not at all.
    With `Options.race` off they run one after the other instead.
 """
 
@@ -57,8 +59,11 @@ def run(inst: Instance, cap: int | None, deadline: float, options: Options) -> O
         if _settled(out, cap):
             stop.set()
 
-    threads = [threading.Thread(target=lambda o=order: record(offsets_solvers.cpsat(
-        inst, cap, deadline, options, incumbent, o, stop)), daemon=True) for order in options.cpsat_orders]
+    now = time.perf_counter()
+    early = now + options.early_share * (deadline - now)
+    ends = [early] * (len(options.cpsat_orders) - 1) + [deadline]
+    threads = [threading.Thread(target=lambda o=order, e=end: record(offsets_solvers.cpsat(
+        inst, cap, e, options, incumbent, o, stop)), daemon=True) for order, end in zip(options.cpsat_orders, ends)]
     for t in threads:
         t.start()
     polite = time.perf_counter() + options.exact_alone if threads else None

@@ -121,13 +121,13 @@ class _Search:
             self.top[b] = -1
 
     def checkpoint(self) -> None:
-        """Stop at the deadline or when the race is over; past `polite_after`, sleep as long as
-        the search ran since the last checkpoint (half the CPU for the CP-SAT threads)."""
+        """Stop at the deadline or when the race is over; past `polite_after`, sleep twice as long
+        as the search ran since the last checkpoint (most of the CPU for the CP-SAT threads)."""
         now = time.perf_counter()
         if now > self.deadline or (self.stop is not None and self.stop.is_set()):
             raise _Timeout
         if self.polite_after is not None and now > self.polite_after:
-            if self.stop is not None and self.stop.wait(min(now - self.last_check, self.deadline - now)):
+            if self.stop is not None and self.stop.wait(min(2 * (now - self.last_check), self.deadline - now)):
                 raise _Timeout
             now = time.perf_counter()
         self.last_check = now
@@ -334,7 +334,7 @@ def decide(inst: Instance, cap: int, deadline: float, options: Options, stop: th
     base = [(r, False) for r in ranks] + ([(r, True) for r in ranks] if options.several_orders else [])
     rng = np.random.default_rng(0)
     memo: set[bytes] = set()
-    budget = 1000.0 if options.several_orders else float("inf")
+    budget = float(max(1000, 3 * inst.n)) if options.several_orders else float("inf")  # ~3 nodes a buffer
     nodes, run = 0, 0
     while True:
         rank, by_buffer = base[run % len(base)]
@@ -359,7 +359,7 @@ def decide(inst: Instance, cap: int, deadline: float, options: Options, stop: th
 def run(inst: Instance, cap: int | None, deadline: float, options: Options, incumbent: Outcome,
         stop: threading.Event | None = None, polite_after: float | None = None) -> Outcome:
     """Decide a capacity, or (cap None) minimise the arena by probes below the incumbent.
-    `stop` ends the search early; past `polite_after` it uses half the CPU (see checkpoint)."""
+    `stop` ends the search early; past `polite_after` it uses a third of the CPU (see checkpoint)."""
     if cap is not None:
         status, offsets, _ = decide(inst, cap, deadline, options, stop, polite_after)
         if status == "infeasible":

@@ -130,7 +130,7 @@ def milp(inst: Instance, cap: int | None, deadline: float, options: Options, inc
     left = deadline - time.perf_counter()  # building the pairs took some of it
     if left < 0.5:
         return Outcome(None, "unknown", lb, "milp")
-    solver = _cbc(msg=False, timeLimit=max(1, int(left) - 1), threads=1, warmStart=warm)
+    solver = _cbc(msg=False, timeLimit=max(1, int(0.6 * left)), threads=1, warmStart=warm)  # file I/O takes the rest
     prob.solve(solver)
     state = pulp.LpStatus[prob.status]
     if state == "Infeasible":
