@@ -24,7 +24,7 @@ from pathlib import Path
 from formulations import offsets
 from planner.plan import write_atomic
 
-DATA = Path("/work/shared/data/minimalloc-benchmarks")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "minimalloc-benchmarks"  # shared/ beside the checkout
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("greedy_size", "best_fit", "first_fit", "improve", "exact", "cpsat", "milp", "auto")
 MINIMISE = ("C", "D", "J")  # the MiniMalloc instances whose peak is below the capacity

@@ -22,7 +22,7 @@ from planner.target import align_up
 
 HEURISTICS = ("greedy_size", "first_fit", "best_fit", "improve")
 EXACT = ("exact", "cpsat", "milp", "auto")
-DATA = Path("/work/shared/data/minimalloc-benchmarks")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "minimalloc-benchmarks"  # shared/ beside the checkout
 
 
 def reqs(*rows) -> list[Request]:
