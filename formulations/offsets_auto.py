@@ -14,7 +14,9 @@
    takes a third of the CPU after `Options.exact_alone` seconds, and every CP-SAT run but the
    last stops at `Options.early_share` of the time: three solvers share two cores, and each
    solves its instances fast or not at all.
-   With `Options.race` off they run one after the other instead.
+   With `Options.race` off, and always when minimising, they run one after the other instead:
+   exact probes (offsets_exact.minimise) for half the time left, then CP-SAT minimisation
+   from the best placement so far (raced, the probes starve: J ended at 1268 KiB, not 1022).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def run(inst: Instance, cap: int | None, deadline: float, options: Options) -> O
         best = better(best, offsets_heuristics.improve(inst, cap, repair, best))
         if _settled(best, cap):
             return best
-    if not options.race:
+    if not options.race or cap is None:  # minimising: racing starves the probes (J: 1268 KiB vs 1022)
         share = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
         best = better(best, offsets_exact.run(inst, cap, share, options, best))
         for order in options.cpsat_orders:
