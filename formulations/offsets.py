@@ -85,7 +85,7 @@ class Options:
     symmetry: bool = True  # exact: touching buffers of one lifetime keep one order; twins tried once
     decomposition: bool = True  # exact: split into independent time ranges and solve them apart
     several_orders: bool = True  # exact: restarts with other buffer orders, node budgets doubling
-    memo: bool = False  # exact: remember failed subproblems (rarely hits on the MiniMalloc suite)
+    memo: bool = True  # exact: remember failed subproblems (pays off across restarts)
     improve: bool = True  # auto: local repair after the greedy placements
     race: bool = True  # auto: CP-SAT in threads alongside exact search (else: exact, then CP-SAT)
     exact_alone: float = 2.0  # auto: seconds of full CPU for exact search in the race, then a third

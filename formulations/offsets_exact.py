@@ -21,16 +21,18 @@ Pruning (each a flag of offsets.Options):
   no placeable buffer covers is dead at once; a rise to f' needs f' + U(s) <= C wherever h(s) <= f'.
 - dominance: a rise to f' is pruned if an unplaced buffer would fit under it (low(c) + w_c <= f'):
   dropping that buffer to low(c) gives a placement with a smaller sum of offsets, never pruned.
-- symmetry: buffers of one lifetime that touch can swap places without changing anything else;
-  only the larger-below order is kept (and among equal sizes the lower rank below), and of
-  several identical buffers only the first is tried. Both rules decrease the same potential as
+- symmetry: buffers of one lifetime (and alignment 1) that touch can swap places without
+  changing anything else; only the larger-below order is kept (among equal sizes the lower
+  rank below), and of several identical buffers only the first is tried. Both rules decrease the same potential as
   dominance (sum of size^2 * offset, then sum of (n - rank) * offset), so together they are sound.
 - decomposition: when no unplaced buffer crosses a time boundary, the sides share only placed
   buffers; each side is solved on its own, and one failing side fails the node.
 - several orders: runs with growing node budgets over (order, branching) pairs, then jittered
   orders; a run that finishes within its budget is a proof.
-- memo (off by default: it found no repeats on the MiniMalloc suite): failed subproblems are
-  remembered by their unplaced buffers, skyline, floor, exclusions and resting buffers.
+- memo: failed subproblems are remembered by their unplaced buffers, skyline, floor, exclusions
+  and resting buffers, per (order, branching) since the symmetry rules depend on the order.
+  Within one run it finds no repeats on the MiniMalloc suite, but a restart of the same order
+  with a larger budget skips what the last one finished (an 8-buffer proof: 26086 -> 1368 nodes).
 Completeness: every canonical placement not excluded by these sound rules is reached, so a
 search that finishes without a placement proves infeasibility. Minimisation probes capacities.
 """
@@ -88,15 +90,17 @@ class _Search:
         self.polite_after: float | None = None  # see checkpoint()
         self.last_check = time.perf_counter()
         self.by_buffer = by_buffer  # branch on one buffer (at the floor or not) instead of on a section
+        # the symmetry rules depend on the order: failures are remembered per (order, branching)
+        self.config = hashlib.blake2b(rank.tobytes() + bytes([by_buffer]), digest_size=8).digest()
         spans = self.last - self.first
         sections_of = np.repeat(self.first, spans) + _ramp(spans)
         by_section = np.argsort(sections_of, kind="stable")
         self.inc_buffer = np.repeat(np.arange(n, dtype=np.int64), spans)[by_section]  # (section, buffer) pairs
         self.inc_start = np.searchsorted(sections_of[by_section], np.arange(sections + 1))
-        twins: dict[tuple[int, int], list[int]] = {}
+        twins: dict[tuple[int, int, int], list[int]] = {}  # one lifetime and one alignment
         for b in range(n):
-            twins.setdefault((inst.first[b], inst.last[b]), []).append(b)
-        self.twins = [[d for d in twins[(inst.first[b], inst.last[b])] if d != b] for b in range(n)]
+            twins.setdefault((inst.first[b], inst.last[b], inst.align[b]), []).append(b)
+        self.twins = [[d for d in twins[(inst.first[b], inst.last[b], inst.align[b])] if d != b] for b in range(n)]
 
     # ---- state changes ------------------------------------------------------------------------
     def place(self, b: int, o: int) -> None:
@@ -162,9 +166,9 @@ class _Search:
             lo, hi = int(self.first[comp].min()), int(self.last[comp].max())
             srt = np.sort(comp)
             resting = np.nonzero(self.top == floor)[0]  # what the twin rule looks at
-            key = hashlib.blake2b(b"".join((srt.tobytes(), srt[self.excluded[srt]].tobytes(), resting.tobytes(),
-                                            self.h[lo:hi].tobytes(), repr((lo, hi, floor)).encode())),
-                                  digest_size=16).digest()
+            key = hashlib.blake2b(b"".join((self.config, srt.tobytes(), srt[self.excluded[srt]].tobytes(),
+                                            resting.tobytes(), self.h[lo:hi].tobytes(),
+                                            repr((lo, hi, floor)).encode())), digest_size=16).digest()
             if key in self.memo:
                 return False
         found = self.branch(comp, lo, hi, floor)
@@ -202,7 +206,7 @@ class _Search:
         here = cands[(self.first[cands] <= s) & (self.last[cands] > s)]
         here = here[np.argsort(self.rank[here], kind="stable")]
         mark = len(self.trail)
-        tried: set[tuple[int, int, int]] = set()
+        tried: set[tuple[int, int, int, int]] = set()
         for b in here.tolist():
             if opt.symmetry and self.stacked_wrongly(b, floor, tried):
                 continue
@@ -232,15 +236,17 @@ class _Search:
         self.excluded[out] = False
         return found
 
-    def stacked_wrongly(self, b: int, floor: int, tried: set[tuple[int, int, int]]) -> bool:
+    def stacked_wrongly(self, b: int, floor: int, tried: set[tuple[int, int, int, int]]) -> bool:
         """Buffers of one lifetime that touch can swap places: keep only the order with the smaller
         (sum of size^2 * offset, sum of (n - rank) * offset): the larger one below, among equals the
         lower rank below; of several identical buffers try only the first."""
         inst = self.inst
-        twin = (inst.first[b], inst.last[b], inst.size[b])
+        twin = (inst.first[b], inst.last[b], inst.size[b], inst.align[b])
         if twin in tried:
             return True
         tried.add(twin)
+        if inst.align[b] > 1:
+            return False  # a swap could move the upper one off its alignment grid
         w, r = inst.size[b], self.rank[b]
         for d in self.twins[b]:
             if self.top[d] == floor and (inst.size[d] < w or (inst.size[d] == w and self.rank[d] > r)):
