@@ -7,6 +7,9 @@ rules that do not depend on the source format when it finishes:
     weight gets a copy op after it;
   - element-wise ops list as in-place candidates the inputs that are roots,
     not weights, not graph outputs, and have the output's shape, dtype and size;
+    an input that is a `full_view` (a reshape covering its root contiguously, as
+    the 3-D view of a 2-D linear output) offers its root the same way (the root
+    is added to the op's inputs), unless another input views that root otherwise;
   - `elem_size` (int8 studies) overrides every tensor's bytes per element
     (`with_elem_size` applies it to a finished lowering: one lowering, both sizes).
 Nothing here imports torch or onnx.
@@ -78,6 +81,7 @@ class _TensorDraft:  # mutable until finish(): kinds of outputs change late
     dtype: str
     kind: str
     alias_of: int | None
+    full_view: bool = False  # a view covering all of its root in the root's element order
 
 
 @dataclass
@@ -108,12 +112,19 @@ class GraphBuilder:
         self._ops: list[_OpDraft] = []
         self._names: set[str] = set()
 
-    def tensor(self, name: str, shape: Sequence[int], dtype: str, kind: str, alias_of: int | None = None) -> int:
-        """Add a tensor; `alias_of` may name any tensor, the root is stored. Returns its id."""
+    def tensor(self, name: str, shape: Sequence[int], dtype: str, kind: str, alias_of: int | None = None,
+               full_view: bool = False) -> int:
+        """Add a tensor; `alias_of` may name any tensor, the root is stored. Returns its id.
+
+        full_view: the view covers its root contiguously (the frontend knows its strides)."""
         dtype_bytes(dtype, f"tensor {name!r}")
+        shape = tuple(int(d) for d in shape)
         if alias_of is not None:
             alias_of = self.root(alias_of)
-        self._tensors.append(_TensorDraft(self._unique(name), tuple(int(d) for d in shape), dtype, kind, alias_of))
+            root = self._tensors[alias_of]
+            full_view = full_view and math.prod(shape) == math.prod(root.shape) and dtype == root.dtype
+        self._tensors.append(_TensorDraft(self._unique(name), shape, dtype, kind, alias_of,
+                                          full_view and alias_of is not None))
         return len(self._tensors) - 1
 
     def op(self, name: str, op_type: str, inputs: Sequence[int], outputs: Sequence[int], *, flops: float,
@@ -171,11 +182,12 @@ class GraphBuilder:
         tensors = tuple(
             Tensor(i, t.name, self.nbytes(i), t.dtype, t.shape, t.kind, t.alias_of) for i, t in enumerate(self._tensors)
         )
-        ops = tuple(
-            Op(i, o.name, o.op_type, o.inputs, o.outputs, o.flops, self._inplace(o), o.recomputable, o.attrs)
-            for i, o in enumerate(self._ops)
-        )
-        return LifetimeGraph(self.name, tensors, ops), tuple(final)
+        ops = []
+        for i, o in enumerate(self._ops):
+            inplace = self._inplace(o)
+            inputs = o.inputs + tuple(t for t in inplace if t not in o.inputs)  # roots offered by full views
+            ops.append(Op(i, o.name, o.op_type, inputs, o.outputs, o.flops, inplace, o.recomputable, o.attrs))
+        return LifetimeGraph(self.name, tensors, tuple(ops)), tuple(final)
 
     def _inplace(self, o: _OpDraft) -> tuple[int, ...]:
         if not o.elementwise or len(o.outputs) != 1:
@@ -187,10 +199,19 @@ class GraphBuilder:
         found = []
         for tid in dict.fromkeys(o.inputs):
             t = self._tensors[tid]
-            # weights are read-only and graph outputs must survive: neither may be overwritten
-            if t.alias_of is None and t.kind not in ("weight", "output") and t.shape == out.shape \
-                    and t.dtype == out.dtype and self.nbytes(tid) == size:
-                found.append(tid)
+            if t.alias_of is None and t.shape == out.shape:
+                root = tid
+            elif t.full_view and t.shape == out.shape:
+                root = t.alias_of
+            else:
+                continue
+            r = self._tensors[root]
+            # weights are read-only and graph outputs must survive: neither may be overwritten; nor may a
+            # root another input reads in another element order (x + x.t())
+            strided = any(self._tensors[u].alias_of == root and not self._tensors[u].full_view for u in o.inputs)
+            if r.kind not in ("weight", "output") and r.dtype == out.dtype and self.nbytes(root) == size \
+                    and not strided and root not in found:
+                found.append(root)
         return tuple(found)
 
     def _unique(self, name: str) -> str:

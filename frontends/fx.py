@@ -146,6 +146,7 @@ class _Lowering:
         self.extra_outputs: list[int] = []  # buffer mutations: written back, not returned
         self.specs = {s.arg.name: s for s in ep.graph_signature.input_specs if hasattr(s.arg, "name")}
         self.reshaped: dict[Any, Any] = {}  # result node -> the output reshape its op writes directly
+        self.contiguous: dict[int, bool] = {}  # root tensor id -> its fake tensor is contiguous
 
     def find_output_reshapes(self) -> None:
         """User outputs that view / _unsafe_view a result nothing else reads (see the module docstring)."""
@@ -189,6 +190,7 @@ class _Lowering:
                     raise FrontendError(f"{self.gb.name}: input {pname!r} is not a tensor ({type(val).__name__})")
                 kind = "weight" if user_index in self.weight_inputs else "input"
                 tid = self.gb.tensor(pname, val.shape, _dtype_name(val.dtype), kind)
+                self.contiguous[tid] = val.is_contiguous()
                 if kind == "weight":
                     self.weights[self.gb.tensor_name(tid)] = example_inputs[user_index]
                 self.ids[node] = tid
@@ -227,7 +229,12 @@ class _Lowering:
             tname = node.name if pos is None else getattr(getitems.get(pos), "name", f"{node.name}_{pos}")
             reshape = self.reshaped.get(node if pos is None else getitems.get(pos))
             shape = val.shape if reshape is None else reshape.meta["val"].shape
-            tid = self.gb.tensor(tname, shape, _dtype_name(val.dtype), "activation", alias)
+            # a contiguous view at offset 0 of a root laid out contiguously covers it in order (if sizes match)
+            full = alias is not None and self.contiguous.get(self.gb.root(alias), False) \
+                and val.is_contiguous() and val.storage_offset() == 0
+            tid = self.gb.tensor(tname, shape, _dtype_name(val.dtype), "activation", alias, full_view=full)
+            if alias is None:
+                self.contiguous[tid] = val.is_contiguous()
             self.ids[node if pos is None else (node, pos)] = tid
             if reshape is not None:
                 self.ids[reshape] = tid

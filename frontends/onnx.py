@@ -117,9 +117,9 @@ class _Lowering:
         v = self.s.values
         inputs = tuple(self.gb.tensor(x, v[x].shape, dtype_name(v[x].elem_type), "input") for x in self.s.inputs)
         self.ids.update(zip(self.s.inputs, inputs))
-        views = view_nodes(self.s)
+        self.views = view_nodes(self.s)
         for i, kept in enumerate(self.s.nodes):
-            self._add(kept.node, kept.name, kept.fused_from, i in views)
+            self._add(kept.node, kept.name, kept.fused_from, i in self.views.nodes)
         outs = [self._tensor_of(x) for x in self.s.outputs]
 
         def copy_op(src: int, dst: int) -> tuple[str, dict[str, Any]]:
@@ -163,7 +163,8 @@ class _Lowering:
         for pos, x in enumerate(node.output):
             if not x:
                 continue
-            tid = self.gb.tensor(x, v[x].shape, dtype_name(v[x].elem_type), "activation", view_of)
+            tid = self.gb.tensor(x, v[x].shape, dtype_name(v[x].elem_type), "activation", view_of,
+                                 full_view=x in self.views.contiguous)
             self.ids[x] = tid
             out_ids.append(tid)
             out_positions.append(pos)

@@ -124,18 +124,24 @@ def _broadcast(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(max(p, q) if 1 in (p, q) else p for p, q in zip(x, y))
 
 
-def view_nodes(s: StaticGraph) -> frozenset[int]:
-    """Indices into s.nodes of the nodes whose outputs are views of their first input."""
+@dataclass(frozen=True)
+class Views:
+    nodes: frozenset[int]  # indices into StaticGraph.nodes of the nodes whose outputs are views of their first input
+    contiguous: frozenset[str]  # the view values laid out contiguously (a full one covers its root in order)
+
+
+def view_nodes(s: StaticGraph) -> Views:
+    """The view nodes of `s` and which of their outputs are contiguous (see the module docstring)."""
     forced: set[int] = set()  # view candidates that a consumer needs as copies
     while True:
-        views, needed = _propagate(s, forced)
+        views, needed, layouts = _propagate(s, forced)
         if needed <= forced:
-            return frozenset(views)
+            return Views(frozenset(views), frozenset(x for x, lay in layouts.items() if is_contiguous(lay)))
         forced |= needed
 
 
-def _propagate(s: StaticGraph, forced: set[int]) -> tuple[set[int], set[int]]:
-    """One pass: (view nodes, view nodes whose output a MatMul would copy)."""
+def _propagate(s: StaticGraph, forced: set[int]) -> tuple[set[int], set[int], dict[str, Layout]]:
+    """One pass: (view nodes, view nodes whose output a MatMul would copy, layouts of the view outputs)."""
     layouts: dict[str, Layout] = {}
     producer: dict[str, int] = {}
     views: set[int] = set()
@@ -159,7 +165,7 @@ def _propagate(s: StaticGraph, forced: set[int]) -> tuple[set[int], set[int]]:
         if out_layouts is not None:
             views.add(i)
             layouts.update(zip(outs, out_layouts))
-    return views, needed
+    return views, needed, layouts
 
 
 def _view_layouts(kept: KeptNode, s: StaticGraph, layout) -> list[Layout] | None:

@@ -419,8 +419,12 @@ def test_transformer_onnx_every_size_known_and_matches_fx(kind, tmp_path):
     gelu = ops_of(g, "Gelu")
     assert len(gelu) == 2
     assert {o.attrs["attributes"]["approximate"] for o in gelu} == {"none" if kind == "bert" else "tanh"}
-    for o in gelu:  # in place over its input unless that is a view (GPT-2: Gemm output reshaped to 3-D)
-        assert o.inplace_inputs == (() if g.tensors[o.inputs[0]].alias_of is not None else o.inputs)
+    for o in gelu:  # in place over its input, or the root of its input where that is a full view
+        x = g.tensors[o.inputs[0]]  # (GPT-2: the 2-D Gemm output reshaped to 3-D; the root joins the inputs)
+        assert o.inplace_inputs == ((x.id,) if x.alias_of is None else (x.alias_of,))
+        assert o.inputs == ((x.id,) if x.alias_of is None else (x.id, x.alias_of))
+    fx_gelus = ops_of(lower_module(module, inputs).graph, "aten.gelu.default")  # same in fx: addmm, view, gelu
+    assert len(fx_gelus) == 2 and all(len(o.inplace_inputs) == 1 for o in fx_gelus)
     fx = lower_module(module, inputs)
     assert [fx.graph.tensors[i].shape for i in fx.inputs] == [g.tensors[i].shape for i in lo.inputs]
     # both lowerings compute the model from their attrs alone (folded constants and fusions included)
@@ -471,7 +475,8 @@ def test_opset11_layernorm_silu_and_dropout(tmp_path):
     g = lower_onnx(path).graph
     drop, relu = g.ops
     assert g.tensors[drop.outputs[0]].alias_of == drop.inputs[0] and drop.flops == 0 and drop.recomputable
-    assert relu.inplace_inputs == ()  # its input is a view
+    # its input is a full view (the identity) of x: x's buffer is offered, and x joins the inputs
+    assert relu.inplace_inputs == drop.inputs and relu.inputs == drop.outputs + drop.inputs
 
 
 # ---- a hand-made file: folding rules, views, output copies --------------------------------------
@@ -518,8 +523,9 @@ def test_constant_folding_views_and_output_copies(tmp_path):
     # Identity of an initializer is that initializer; Add reads the weight directly
     w = g.tensors[add.inputs[1]]
     assert (w.name, w.kind, w.shape) == ("w", "weight", (24,))
-    # in place: relu over the sum; add over the view? no (views are never taken over), nor the weight
-    assert relu.inplace_inputs == relu.inputs and add.inplace_inputs == ()
+    # in place: relu over the sum; add over the root of the full view (x, added to its inputs), never the weight
+    assert relu.inplace_inputs == relu.inputs and add.inplace_inputs == lo.inputs
+    assert add.inputs == (flat.id, w.id, *lo.inputs)
     assert [t.nbytes for t in g.tensors if t.kind == "output"] == [3 * 24 * 4, 3 * 24 * 4]
 
 

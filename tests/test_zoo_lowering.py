@@ -209,6 +209,28 @@ def test_cse_and_identity_clones():
     assert max_rel_error(Executor.from_lowered(lo, plan).run(x), _eager(module, (x,))) <= 1e-6
 
 
+def test_inplace_through_full_views_only():
+    """An element-wise op may take over the root of a full (contiguous, whole) view it reads, never a root
+    that another input reads in another element order."""
+    class M(nn.Module):
+        def forward(self, x):
+            a, b = torch.relu(x), torch.exp(x)
+            return a + a.t(), torch.sigmoid(b.view(-1)) * 3.0
+
+    x = torch.randn(4, 4)
+    lo = lower_module(M(), (x,))
+    g = lo.graph
+    (add,) = [o for o in g.ops if o.op_type == "aten.add.Tensor"]
+    (sig,) = [o for o in g.ops if o.op_type == "aten.sigmoid.default"]
+    assert add.inplace_inputs == ()  # a + a.t() written over a would read overwritten elements
+    exp_out = next(o.outputs[0] for o in g.ops if o.op_type == "aten.exp.default")
+    assert sig.inplace_inputs == (exp_out,) and exp_out in sig.inputs and g.tensors[sig.inputs[0]].alias_of == exp_out
+    plan = plan_graph(g, T64, planner="baseline")
+    offset = {b.tensor: b.offset for b in plan.buffers}
+    assert offset[sig.outputs[0]] == offset[exp_out]  # the baseline takes exp's buffer over: replay does it
+    assert max_rel_error(Executor.from_lowered(lo, plan).run(x), _eager(M(), (x,))) <= 1e-6
+
+
 def test_batchnorm_folded_models_replay_equal_to_eager():
     params = models.spec("mobilenet_v2").small
     module, inputs = models.build("mobilenet_v2", **params)
