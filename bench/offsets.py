@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -52,13 +53,17 @@ def run_case(name: str, requests: list[offsets.Request], capacity: int | None, m
              time_limit: float) -> dict:
     # heuristics cannot aim at a capacity: they run free and are judged by their arena
     free = method in HEURISTICS
+    before = resource.getrusage(resource.RUSAGE_SELF)
     placed = offsets.solve(requests, capacity=None if free else capacity, method=method, time_limit=time_limit)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # all threads of this process
     solved = placed.status in ("optimal", "feasible") and (capacity is None or placed.arena <= capacity)
     return {"instance": name, "buffers": len(requests), "capacity": capacity,
             "lower_bound": placed.lower_bound, "method": method, "status": placed.status,
             "found_by": placed.method, "arena": placed.arena if placed.offsets else None, "solved": solved,
             "proven": placed.status in ("optimal", "infeasible"), "gap": placed.gap,
-            "seconds": round(placed.seconds, 3), "reference_seconds": REFERENCE_SECONDS.get(name)}
+            "seconds": round(placed.seconds, 3), "cpu_seconds": round(cpu, 3),
+            "reference_seconds": REFERENCE_SECONDS.get(name)}
 
 
 def _kib(n: int | None) -> str:
@@ -69,7 +74,9 @@ def markdown(runs: list[dict], minimised: list[dict], methods: list[str], time_l
     lines = ["# Buffer placement on the MiniMalloc suite", "",
              f"`{command}` ({time_limit:g} s per run; {platform.node()}, {platform.processor() or platform.machine()};"
              " a shared 2-core machine: timings are noisy).", "",
-             "Each cell: arena in KiB, `ok` if it fits the capacity (1048576 B = 1024 KiB), wall seconds.", ""]
+             "Each cell: arena in KiB, `ok` if it fits the capacity (1048576 B = 1024 KiB), wall seconds."
+             " The totals add CPU seconds (all threads): the machine is shared, so wall time depends on"
+             " what else runs; CPU time much less.", ""]
     names = list(dict.fromkeys(r["instance"] for r in runs))
     cell = {(r["instance"], r["method"]): r for r in runs}
     lines.append("| instance | buffers | lower bound KiB | MiniMalloc s | " + " | ".join(methods) + " |")
@@ -86,7 +93,8 @@ def markdown(runs: list[dict], minimised: list[dict], methods: list[str], time_l
     totals = ["total", "", "", f"{ref:.1f}"]
     for m in methods:
         rs = [cell[(n, m)] for n in names if (n, m) in cell]
-        totals.append(f"{sum(r['solved'] for r in rs)}/{len(rs)} solved, {sum(r['seconds'] for r in rs):.1f} s")
+        totals.append(f"{sum(r['solved'] for r in rs)}/{len(rs)} solved, {sum(r['seconds'] for r in rs):.1f} s "
+                      f"(CPU {sum(r['cpu_seconds'] for r in rs):.1f} s)")
     lines.append("| " + " | ".join(totals) + " |")
     if minimised:
         lines += ["", "## Smallest arena (no capacity)", "",
