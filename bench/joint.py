@@ -34,12 +34,16 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_graph(name: str, cache: Path):
-    """Lower a registry network (int8) once; the cache key covers the frontend and model sources."""
+def load_graph(name: str, cache: Path, reuse: bool = False):
+    """Lower a registry network (int8) once; the cache key covers the frontend and model sources
+    (`reuse`: take the newest cached lowering whatever the sources, so that runs compare alike)."""
     import hashlib
 
     from planner.graph import LifetimeGraph
 
+    cached = sorted(cache.glob(f"{name}.*.graph.json"), key=lambda p: p.stat().st_mtime)
+    if reuse and cached:
+        return LifetimeGraph.from_dict(json.loads(cached[-1].read_text()))
     root = Path(__file__).resolve().parent.parent
     sources = sorted([*root.glob("frontends/*.py"), *root.glob("models/*.py")])
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
@@ -74,7 +78,8 @@ def run_instance(graph, target, time_limit: float, backend: str, solvers: list[s
                              model="ours" if model == "ours_fs" else model, schedule=schedule,
                              progress=lambda line: say("    " + line))
         row["solvers"][model] = {
-            "traffic": result.objective, "status": result.status, "bound": _num(result.bound),
+            "capacity": target.capacity, "traffic": result.objective, "status": result.status,
+            "bound": _num(result.bound),
             "gap": result.gap, "seconds": result.seconds, "iterations": result.iterations, "cuts": result.cuts,
             "source": result.plan.solver.params.get("source") if result.plan else None,
             "log_tail": list(result.log[-4:])}
@@ -139,6 +144,12 @@ def summary(rows: list[dict]) -> str:
     if both:
         lines.append(f"both proven: {len(both)}; median COSMA/ours time ratio "
                      f"{statistics.median(c / max(o, 1e-3) for c, o in both):.1f}")
+    hard = [(r["solvers"]["cosma"]["seconds"], r["solvers"]["ours"]["seconds"]) for r in rows
+            if r["solvers"].get("cosma", {}).get("status") == "optimal"
+            and r["solvers"].get("ours", {}).get("status") == "optimal" and r["solvers"]["ours"]["traffic"] > 0]
+    if hard:
+        lines.append(f"both proven with non-zero optimum: {len(hard)}; median COSMA/ours time ratio "
+                     f"{statistics.median(c / max(o, 1e-3) for c, o in hard):.1f}")
     return "\n".join(f"- {x}" for x in lines) + "\n"
 
 
@@ -155,23 +166,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge into the existing results (keep rows and solver entries not rerun)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "memplan_graphs"),
                     help="folder for lowered graphs")
+    ap.add_argument("--reuse-graphs", action="store_true", help="take the newest cached lowering of each network")
     ap.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON results")
     args = ap.parse_args(argv)
+    cmd = ("python -m bench.joint " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.report:
-        rows = json.loads(Path(args.out).with_suffix(".json").read_text())
-        Path(args.out).with_suffix(".md").write_text(report(rows, ["python -m bench.joint --report"]))
+        rows, commands = _read(Path(args.out).with_suffix(".json"))
+        Path(args.out).with_suffix(".md").write_text(report(rows, commands))
         return 0
     from planner.compile import budget
     from planner.target import get_target
 
     out = Path(args.out)
-    rows: list[dict] = []
-    if args.update and out.with_suffix(".json").is_file():
-        rows = json.loads(out.with_suffix(".json").read_text())
+    rows, commands = _read(out.with_suffix(".json")) if args.update else ([], [])
+    commands.append(cmd)
     index = {(r["network"], r["budget"], r["weights"]): r for r in rows}
     for name in args.models.split(","):
         say(f"{name}: lowering")
-        graph = load_graph(name, Path(args.cache))
+        graph = load_graph(name, Path(args.cache), args.reuse_graphs)
         for setting in args.settings.split(","):
             for bname in args.budgets.split(","):
                 target = get_target("npu", include_weights=SETTINGS[setting])
@@ -187,13 +199,20 @@ def main(argv: list[str] | None = None) -> int:
                     row["solvers"].update(fresh["solvers"])
                     row.update({k: v for k, v in fresh.items() if k != "solvers"})
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+                out.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1))
                 say(f"  ours {row['solvers'].get('ours', {}).get('traffic')} "
                     f"({row['solvers'].get('ours', {}).get('status')}), baselines "
                     f"{[b.get('traffic') for b in row['baselines'].values()]}")
-    cmd = "python -m bench.joint " + " ".join(argv if argv is not None else sys.argv[1:])
-    out.with_suffix(".md").write_text(report(rows, [cmd.strip()]))
+    out.with_suffix(".md").write_text(report(rows, commands))
     return 0
+
+
+def _read(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows and the commands that made them (an older file is a bare list of rows)."""
+    if not path.is_file():
+        return [], []
+    data = json.loads(path.read_text())
+    return (data, []) if isinstance(data, list) else (data["rows"], data["commands"])
 
 
 def report(rows: list[dict], commands: list[str]) -> str:

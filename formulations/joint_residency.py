@@ -23,7 +23,7 @@ step ranges intersect, so a packing of the requests is a valid placement for the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner.graph import LifetimeGraph
@@ -253,6 +253,3 @@ def requests(bufs: Sequence[tuple[int, int, int]], window: tuple[int, int] | Non
 def order_of(plan: Plan) -> list[int]:
     return [ins.ref for ins in plan.instructions if ins.kind == "compute"]
 
-
-def union(sets: Iterable[Iterable[int]]) -> frozenset[int]:
-    return frozenset(x for s in sets for x in s)
