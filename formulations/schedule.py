@@ -17,6 +17,7 @@ Methods (`solve(method=...)`), all returning orders that bounds.max_live re-chec
             between cut vertices, pruned by the best heuristic peak; "gave_up" at its
             state cap or time limit
   cpsat     CP-SAT model per segment (schedule_cpsat.py), warm-started with the best order
+  milp      time-indexed MILP per segment through PuLP/CBC (schedule_milp.py), for comparison
   auto      the heuristics, then a relaxation (buffers under `relax_below` bytes count 0:
             its exact optimum bounds the real one from below and its order is a candidate),
             then exact search on the segments that still decide the peak
@@ -42,7 +43,7 @@ from planner.graph import LifetimeGraph
 from planner.plan import Plan, SolverRecord
 from planner.target import Target
 
-METHODS = ("auto", "dp", "cpsat", "hier", "program", "bfs", "dfs", "lpmf")
+METHODS = ("auto", "dp", "cpsat", "milp", "hier", "program", "bfs", "dfs", "lpmf")
 INDUCTOR = ("bfs", "dfs", "lpmf")
 
 
@@ -126,7 +127,7 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
         peak = bounds.max_live(graph, order, include_weights, alignment)
         log.append(Attempt(name, peak, None, "heuristic", time.perf_counter() - t1))
         _adopt(prob, segs, normalize(prob, order), name)
-    if method in ("auto", "dp", "cpsat", "hier"):
+    if method in ("auto", "dp", "cpsat", "milp", "hier"):
         t1 = time.perf_counter()
         floor = max(s.bound for s in segs)
         for s in segs:
@@ -151,25 +152,8 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
         floor = max(floor, _relaxed(graph, prob, segs, opts, floor, t0 + (deadline - t0) * 0.5, log, note))
     if method in ("auto", "dp"):
         floor = _exact(prob, segs, opts, floor, deadline, log, note)
-    elif method == "cpsat":
-        from formulations.schedule_cpsat import solve_segment
-
-        t1 = time.perf_counter()
-        for s in sorted(segs, key=lambda s: -s.peak):
-            if s.peak <= floor or s.proven or time.perf_counter() > deadline:
-                continue
-            note(f"cpsat on a segment of {len(s.ops)} ops")
-            got = solve_segment(prob, s.ops, s.start, hint=s.order, floor=floor, deadline=deadline,
-                                workers=opts.cpsat_workers)
-            if got.order is not None and got.peak < s.peak:
-                s.order, s.peak, s.source = list(got.order), got.peak, "cpsat"
-            s.bound = max(s.bound, got.bound)
-            s.proven = got.exact and got.optimal
-            if s.proven:
-                floor = max(floor, s.peak)
-        cp_peak = max(s.peak for s in segs)
-        log.append(Attempt("cpsat", cp_peak, floor, "optimal" if cp_peak <= floor else "feasible",
-                           time.perf_counter() - t1))
+    elif method in ("cpsat", "milp"):
+        floor = _solver_model(prob, segs, opts, floor, deadline, log, note, method)
     return _result(graph, prob, segs, floor, log, t0, include_weights, alignment, method)
 
 
@@ -272,19 +256,49 @@ def _exact(prob: Problem, segs: list[Segment], opts: Options, floor: int, deadli
     return floor
 
 
+def _solver_model(prob: Problem, segs: list[Segment], opts: Options, floor: int, deadline: float,
+                  log: list[Attempt], note: Callable[[str], None], method: str) -> int:
+    """CP-SAT (or the MILP) on the segments that can still lower the peak, warm-started."""
+    if method == "cpsat":
+        from formulations.schedule_cpsat import solve_segment
+
+        run = lambda s: solve_segment(prob, s.ops, s.start, hint=s.order, floor=floor, deadline=deadline,
+                                      workers=opts.cpsat_workers)
+    else:
+        from formulations.schedule_milp import solve_segment as milp_segment
+
+        run = lambda s: milp_segment(prob, s.ops, s.start, hint=s.order, floor=floor, deadline=deadline)
+    t1 = time.perf_counter()
+    for s in sorted(segs, key=lambda s: -s.peak):
+        if s.peak <= floor or s.proven or time.perf_counter() > deadline:
+            continue
+        note(f"{method} on a segment of {len(s.ops)} ops")
+        got = run(s)
+        if got.order is not None and got.peak < s.peak:
+            s.order, s.peak, s.source = list(got.order), int(got.peak), method
+        s.bound = max(s.bound, got.bound)
+        s.proven = got.optimal
+        if s.proven:
+            floor = max(floor, s.peak)
+    peak = max(s.peak for s in segs)
+    log.append(Attempt(method, peak, floor, "optimal" if peak <= floor else "feasible", time.perf_counter() - t1))
+    return floor
+
+
 def _result(graph: LifetimeGraph, prob: Problem, segs: list[Segment], floor: int, log: list[Attempt],
             t0: float, include_weights: bool, alignment: int, method: str) -> ScheduleResult:
     order = tuple(o for s in segs for o in s.order)
     peak = bounds.max_live(graph, order, include_weights, alignment)  # the one accounting, re-checked
     bound = min(max(floor, bounds.m_r(graph, include_weights, alignment)), peak)
     winner = max(segs, key=lambda s: s.peak).source
+    exact_methods = ("auto", "dp", "cpsat", "milp")
     if peak <= bound:
         status = "optimal"
     elif any(a.status == "gave_up" for a in log):
         status = "gave_up"
     else:
         status = "feasible"
-    return ScheduleResult(order, peak, bound, status, winner if method in ("auto", "dp", "cpsat") else method,
+    return ScheduleResult(order, peak, bound, status, winner if method in exact_methods else method,
                           time.perf_counter() - t0, (peak - bound) / peak if peak else 0.0, tuple(log))
 
 
