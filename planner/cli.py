@@ -69,6 +69,16 @@ def lower(args: argparse.Namespace, model: str):
                       via=args.via)
 
 
+def apply_lowering_record(args: argparse.Namespace, plan) -> None:
+    """Lower the model the way the plan was made (elem_size, via, input shapes), unless told otherwise."""
+    rec = plan.solver.params.get("lowering", {})
+    for key in ("elem_size", "via"):
+        if getattr(args, key) in (None, "fx") and rec.get(key) is not None:
+            setattr(args, key, rec[key])
+    if not args.input_shape and rec.get("input_shape"):
+        args.input_shape = rec["input_shape"]
+
+
 def lowering_record(args: argparse.Namespace, model: str) -> dict[str, Any]:
     return {"model": model, "input_shape": list(args.input_shape), "elem_size": args.elem_size, "via": args.via}
 
@@ -126,12 +136,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from planner.plan import Plan
 
     plan = Plan.load(args.plan)
-    rec = plan.solver.params.get("lowering", {})
-    for key in ("elem_size", "via"):
-        if getattr(args, key) in (None, "fx") and rec.get(key) is not None:
-            setattr(args, key, rec[key])
-    if not args.input_shape and rec.get("input_shape"):
-        args.input_shape = rec["input_shape"]
+    apply_lowering_record(args, plan)
     graph = lower(args, args.model).graph
     try:
         checked = check(graph, plan)

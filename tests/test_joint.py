@@ -19,21 +19,7 @@ from planner.check import PlanError, check
 from planner.graph import build
 from planner.plan import Plan
 from planner.target import Target
-
-
-def diamond():
-    # x -f1-> a; a -f2-> b(200); a -f3-> c(300); (b, c) -f4-> y
-    return build("diamond", [("x", 100, "input"), ("a", 100, "activation"), ("b", 200, "activation"),
-                             ("c", 300, "activation"), ("y", 100, "output")],
-                 [("f1", ["x"], ["a"]), ("f2", ["a"], ["b"]), ("f3", ["a"], ["c"]), ("f4", ["b", "c"], ["y"])])
-
-
-def residual():
-    # x -conv1-> a -relu(in place)-> b -conv2-> c; (c, x) -add(in place over c)-> y
-    return build("residual", [("x", 100, "input"), ("a", 100, "activation"), ("b", 100, "activation"),
-                              ("c", 100, "activation"), ("y", 100, "output")],
-                 [("conv1", ["x"], ["a"]), ("relu", ["a"], ["b"], 100.0, ["a"]),
-                  ("conv2", ["b"], ["c"]), ("add", ["c", "x"], ["y"], 100.0, ["c"])])
+from tests.graphs import diamond, residual
 
 
 def branches():

@@ -113,11 +113,11 @@ def replay(lowered, plan: Plan, inputs: Sequence[torch.Tensor], device: str = "c
 def replay_command(args: argparse.Namespace) -> int:
     """`memplan replay PLAN MODEL [--device cpu|cuda] [--check] [--runs N] [--json]`."""
     from planner.check import PlanError
-    from planner.cli import UsageError, print_report
+    from planner.cli import UsageError, apply_lowering_record, print_report
     from planner.runtime.aten_ops import ReplayError
 
     plan = Plan.load(args.plan)
-    _apply_lowering_record(args, plan)
+    apply_lowering_record(args, plan)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
@@ -146,16 +146,6 @@ def replay_command(args: argparse.Namespace) -> int:
         print(f"MISMATCH: outputs differ from the reference by {rep.max_rel_error:.3g} (tolerance {tol:g})")
         return 1
     return 0
-
-
-def _apply_lowering_record(args: argparse.Namespace, plan: Plan) -> None:
-    """Lower the model the way the plan was made (elem_size, via, input shapes), unless told otherwise."""
-    rec = plan.solver.params.get("lowering", {})
-    for key in ("elem_size", "via"):
-        if getattr(args, key) in (None, "fx") and rec.get(key) is not None:
-            setattr(args, key, rec[key])
-    if not args.input_shape and rec.get("input_shape"):
-        args.input_shape = rec["input_shape"]
 
 
 def _model_and_reference(args: argparse.Namespace, device: torch.device):
