@@ -151,11 +151,16 @@ class LinearModel:
         has_solution = self.m.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
         if self.m.status == pulp.LpStatusInfeasible:
             return Solved("infeasible", None, math.inf, {}, time.perf_counter() - t0)
+        logged = _cbc_bound(text)
+        if logged is not None:  # CBC logs the objective without its constant term
+            logged += self.m.objective.constant if self.m.objective is not None else 0.0
         if not has_solution:
-            return Solved("unknown", None, _cbc_bound(text, None) or 0.0, {}, time.perf_counter() - t0)
+            return Solved("unknown", None, logged if logged is not None else 0.0, {}, time.perf_counter() - t0)
         objective = pulp.value(self.m.objective) or 0.0
         optimal = self.m.sol_status == pulp.LpSolutionOptimal and "time limit" not in text.lower()
-        bound = objective if optimal else (self._native_bound() or _cbc_bound(text, objective) or 0.0)
+        native = self._native_bound()
+        bound = objective if optimal else native if native is not None else logged if logged is not None else 0.0
+        bound = min(bound, objective)
         values = {v: int(round(v.varValue or 0)) for v in self.vars}
         return Solved("optimal" if optimal else "feasible", objective, bound, values, time.perf_counter() - t0)
 
@@ -171,13 +176,13 @@ class LinearModel:
         return None
 
 
-def _cbc_bound(log: str, objective: float | None) -> float | None:
-    """CBC's best possible value from its log (PuLP does not expose it)."""
+def _cbc_bound(log: str) -> float | None:
+    """CBC's best possible value from its log (PuLP does not expose it), without the constant."""
     for pattern in (r"Lower bound:\s*([-+0-9.eE]+)", r"best possible\s*([-+0-9.eE]+)"):
         found = re.findall(pattern, log)
         if found:
             return float(found[-1])
-    return objective if objective is not None and "Optimal solution found" in log else None
+    return None
 
 
 # ------------------------------------------------------------------ fixed order
