@@ -15,8 +15,11 @@ user inputs become inputs. A result is a view when the op's schema says it
 aliases an argument (`Tensor(a)` returns that are not writes; every element of a
 `Tensor(a)[]` list, as split returns), plus `aten._unsafe_view`, which shares
 storage although its schema does not say so. Eval-mode modules first get the
-inference rewrites of frontends.fx_inference (BatchNorm folded into the
-preceding convolution, unread max-pool indices not computed).
+inference rewrites of frontends.fx_inference (common subexpressions once, clones
+of contiguous values dropped, BatchNorm folded into the preceding convolution,
+unread max-pool indices not computed). A view that covers its root contiguously
+(by its fake tensor's strides) is a full view: element-wise ops may work in
+place through it (frontends.common).
 A graph output that reshapes (view / _unsafe_view) a result nothing else reads
 is written in its output shape by that result's op, which then carries
 "result_shapes" (below): the output owns storage without a copy, as at run time,
