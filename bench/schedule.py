@@ -92,7 +92,7 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
     """Every segment of at least `min_ops` ops on its own: the baselines' part of it, the hierarchical
     heuristic, the relaxed optimum (a lower bound) and exact search, each against the segment's peak."""
     from formulations import schedule
-    from formulations.schedule_dp import Problem, search
+    from formulations.schedule_dp import Problem, descend, search
     from formulations.schedule_heuristics import hierarchical, neutral_units, normalize
     from planner import baselines
 
@@ -107,42 +107,46 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
     rsegs = {tuple(s.ops): s for s in schedule.split_segments(relaxed)}
     for k, seg in enumerate(segs):
         part = {name: max(p[at:at + len(seg.ops)]) for name, p in profiles.items()}
+        first = {name: o[at:at + len(seg.ops)] for name, o in orders.items()}
         at += len(seg.ops)
         if len(seg.ops) < min_ops:
             continue
         row = {"segment": k, "ops": len(seg.ops), "units": len(seg.units), **part}
         row["inductor"] = min(part["bfs"], part["dfs"], part["lpmf"])
-        best = min(part.values())
+        name = min(part, key=part.get)
+        best_order, best = first[name], part[name]
         t0 = time.perf_counter()
         bound = prob.cut_lower_bound(seg.ops, seg.start)
         row["cut_bound"], row["cut_seconds"] = bound, time.perf_counter() - t0
         t0 = time.perf_counter()
         order, peak = hierarchical(prob, seg.units, seg.start, floor=0, budget=best + 1, seconds=time_limit / 4)
         row["hier"], row["hier_seconds"] = peak, time.perf_counter() - t0
-        best = min(best, peak)
+        if order is not None and peak < best:
+            best_order, best = order, peak
         rseg = rsegs.get(tuple(seg.ops))
         if rseg is not None:  # the same op set in the relaxation: its optimum bounds this segment's
             t0 = time.perf_counter()
+            deadline = t0 + time_limit / 3
+            units = neutral_units(relaxed, rseg.units)
             rbound = relaxed.cut_lower_bound(rseg.ops, rseg.start)
-            got = search(relaxed, neutral_units(relaxed, rseg.units), rseg.start, budget=best + 1, floor=rbound,
-                         deadline=time.perf_counter() + time_limit / 4)
-            row["relaxed_status"], row["relaxed_seconds"] = got.status, time.perf_counter() - t0
-            if got.order is not None:
-                row["relaxed_bound"] = int(got.peak)
-                bound = max(bound, int(got.peak))
-                real = max(prob.profile(got.order, seg.start))
-                best = min(best, real)
+            wide = search(relaxed, units, rseg.start, floor=rbound, beam=512, deadline=deadline)
+            inside = set(rseg.ops)  # without a beam answer: the segment's part of normal-form program order
+            rorder = list(wide.order) if wide.order is not None else \
+                [o for o in normalize(relaxed, range(prob.n)) if o in inside]
+            rorder, _, rbound, status = descend(relaxed, units, rseg.start, rorder,
+                                                max(relaxed.profile(rorder, rseg.start)), bound=rbound,
+                                                state_cap=2_000_000, deadline=deadline)
+            row.update(relaxed_status=status, relaxed_bound=rbound, relaxed_seconds=time.perf_counter() - t0)
+            bound = max(bound, rbound)
+            real = max(prob.profile(rorder, seg.start))
+            if real < best:
+                best_order, best = rorder, real
         t0 = time.perf_counter()
-        if bound >= best:  # the bound settles it
-            status, states = "bound", 0
-        else:
-            got = search(prob, neutral_units(prob, seg.units), seg.start, budget=best, floor=bound,
-                         deadline=time.perf_counter() + time_limit)
-            status, states = got.status, got.states
-            best = int(got.peak) if got.order is not None else best
-        row.update(exact_status=status, exact_seconds=time.perf_counter() - t0, exact_states=states, best=best)
-        row["optimum"] = best if status in ("optimal", "no_better", "bound") else None
-        row["lower_bound"] = best if row["optimum"] is not None else bound
+        _, best, bound, status = descend(prob, neutral_units(prob, seg.units), seg.start, best_order, best,
+                                         bound=min(bound, best), state_cap=2_000_000,
+                                         deadline=time.perf_counter() + time_limit)
+        row.update(exact_status=status, exact_seconds=time.perf_counter() - t0, best=best, lower_bound=bound,
+                   optimum=best if status == "optimal" else None)
         rows.append(row)
     return rows
 
@@ -233,23 +237,24 @@ def render(rows: list[dict], summary: dict, command: str) -> str:
         lines.append(
             f"| {r['spec']} | {r['family']} | {r['ops']} | {mib(o['program']['peak'])} | {mib(o['bfs']['peak'])} "
             f"| {mib(o['dfs']['peak'])} | {mib(o['lpmf']['peak'])} | {mib(o['rpo']['peak'])} "
-            f"| {mib(r.get('hier', {}).get('peak'))} | {mib(a['peak'])} | {mib(a['lower_bound'])} | {a['gap']:.2%} "
+            f"| {mib(r.get('hier', {}).get('peak'))} | {mib(a['peak'])} | {mib(a['lower_bound'])} | {a['gap']:.4%} "
             f"| {a['status']} | {a['seconds']:.1f} | {mib(cp.get('peak'))} | {cp.get('seconds', 0):.1f} "
             f"| {mib(r['plan']['arena'])} | {a['peak'] / o['program']['peak']:.3f} | {a['peak'] / _inductor(r):.3f} |")
     segs = [(r["spec"], s) for r in rows for s in r.get("segments", [])]
     if segs:
         lines += ["", "## Segments alone (RandWire stages, NAS cells)", "",
                   "Each segment between two cut vertices on its own (its own peak, its own bounds). `relaxed` = "
-                  "exact optimum with buffers under 1/1024 of the largest counted as 0 bytes (a lower bound of the "
-                  "real optimum); `exact` = exact search on the real sizes from that floor; status `optimal` / "
-                  "`no_better` / `bound` = proven.", "",
-                  "| graph | segment | ops | program | inductor | hier | cut LB | relaxed | best | exact status "
+                  "lower bound from the relaxation (buffers under 1/1024 of the largest counted as 0 bytes; "
+                  "its exact optimum when its search finished); `best` = best order found; `exact` = "
+                  "schedule_dp.descend on the real sizes from the best bound (`optimal` = proven).", "",
+                  "| graph | segment | ops | program | inductor | hier | cut LB | relaxed | best | gap | exact status "
                   "| relaxed s | exact s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for spec, s in segs:
             lines.append(f"| {spec} | {s['segment']} | {s['ops']} | {mib(s['program'])} | {mib(s['inductor'])} "
                          f"| {mib(s['hier'])} | {mib(s['cut_bound'])} | {mib(s.get('relaxed_bound'))} "
-                         f"| {mib(s['best'])} | {s['exact_status']} | {s.get('relaxed_seconds', 0):.1f} "
+                         f"| {mib(s['best'])} | {(s['best'] - s['lower_bound']) / s['best']:.4%} "
+                         f"| {s['exact_status']} | {s.get('relaxed_seconds', 0):.1f} "
                          f"| {s['exact_seconds']:.1f} |")
     lines += ["", "## Summary", "", "```", json.dumps(summary, indent=1), "```", ""]
     return "\n".join(lines)

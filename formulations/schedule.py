@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from formulations.schedule_dp import INF, Problem, search
+from formulations.schedule_dp import INF, Problem, bits, descend, search
 from formulations.schedule_heuristics import hierarchical, neutral_units, normalize
 from planner import baselines, bounds
 from planner.check import check
@@ -55,7 +55,7 @@ class ScheduleOptionError(ValueError):
 class Options:
     state_cap: int = 2_000_000  # exact search gives up past this many stored states (per segment)
     beam: int = 128  # states kept per layer by the beam searches of `hier`
-    hier_share: float = 0.25  # share of the time limit the hierarchical heuristic may use
+    hier_share: float = 0.2  # share of the time limit the hierarchical heuristic may use
     relax_below: int | None = None  # relaxation threshold in bytes; None: largest buffer // 1024
     relax: bool = True  # `auto`: run the relaxation when some buffer is under the threshold
     cpsat_workers: int = 2  # CP-SAT search workers (the machines here have two cores)
@@ -149,7 +149,7 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
         _adopt(prob, segs, order, "hier")
     floor = max(s.bound for s in segs)
     if method == "auto" and opts.relax:
-        floor = max(floor, _relaxed(graph, prob, segs, opts, floor, t0 + (deadline - t0) * 0.5, log, note))
+        floor = max(floor, _relaxed(graph, prob, segs, opts, floor, t0 + (deadline - t0) * 0.6, log, note))
     if method in ("auto", "dp"):
         floor = _exact(prob, segs, opts, floor, deadline, log, note)
     elif method in ("cpsat", "milp"):
@@ -171,8 +171,7 @@ def split_segments(prob: Problem) -> list[Segment]:
     extra: list[list[int]] = [[] for _ in parts]
     for o in range(prob.n):
         if prob.lazy[o]:
-            owners = [where[x] for x in range(prob.n) if (prob.owners[o] >> x) & 1]
-            extra[min(owners)].append(o)
+            extra[min(where[x] for x in bits(prob.owners[o]))].append(o)
     segs, start = [], 0
     for part, more in zip(parts, extra):
         ops = sorted(part + more)
@@ -207,21 +206,20 @@ def _relaxed(graph: LifetimeGraph, prob: Problem, segs: list[Segment], opts: Opt
     relaxed = Problem(graph, prob.include_weights, prob.alignment, ignore_below=below)
     rsegs = split_segments(relaxed)
     _adopt(relaxed, rsegs, normalize(relaxed, [o for s in segs for o in s.order]), "best")
-    complete = True
     for s in rsegs:
         s.bound = s.peak if len(s.ops) == 1 else relaxed.cut_lower_bound(s.ops, s.start)
-    bound = max(s.bound for s in rsegs)  # relaxed optimum >= this, real optimum >= relaxed optimum
+    bound, complete = max(s.bound for s in rsegs), True  # relaxed optimum >= bound; real optimum >= relaxed
     for s in sorted(rsegs, key=lambda s: -s.peak):
         if s.peak <= bound or len(s.ops) == 1:
             continue
-        res = search(relaxed, neutral_units(relaxed, s.units), s.start, budget=s.peak, floor=bound,
-                     state_cap=opts.state_cap, deadline=deadline)
-        if res.status == "gave_up":
-            complete = False
-            continue
-        if res.order is not None:
-            s.order, s.peak = list(res.order), int(max(relaxed.profile(res.order, s.start)))
-        bound = max(bound, int(res.peak) if res.order is not None else s.peak)
+        units = neutral_units(relaxed, s.units)
+        wide = search(relaxed, units, s.start, floor=bound, budget=s.peak, beam=4 * opts.beam, deadline=deadline)
+        if wide.order is not None:
+            s.order, s.peak = list(wide.order), max(relaxed.profile(wide.order, s.start))
+        s.order, s.peak, proven, status = descend(relaxed, units, s.start, s.order, s.peak, bound=bound,
+                                                  state_cap=opts.state_cap, deadline=deadline)
+        complete = complete and status == "optimal"
+        bound = max(bound, proven if status == "optimal" else 0)
     order = normalize(prob, [o for s in rsegs for o in s.order])
     _adopt(prob, segs, order, "relaxed")
     log.append(Attempt("relaxed", bounds.max_live(graph, order, prob.include_weights, prob.alignment), bound,
@@ -234,25 +232,24 @@ def _exact(prob: Problem, segs: list[Segment], opts: Options, floor: int, deadli
            log: list[Attempt], note: Callable[[str], None]) -> int:
     """Exact search on the segments that can still lower the peak, the highest first."""
     t1 = time.perf_counter()
-    gave_up, states = 0, 0
+    gave_up = 0
     for s in sorted(segs, key=lambda s: -s.peak):
         if s.peak <= floor or s.proven:
             continue
         note(f"exact search on a segment of {len(s.ops)} ops")
-        res = search(prob, neutral_units(prob, s.units), s.start, budget=s.peak, floor=floor,
-                     state_cap=opts.state_cap, deadline=deadline)
-        states += res.states
-        if res.status == "gave_up":
+        order, peak, bound, status = descend(prob, neutral_units(prob, s.units), s.start, s.order, s.peak,
+                                             bound=floor, state_cap=opts.state_cap, deadline=deadline)
+        if peak < s.peak:
+            s.order, s.peak, s.source = order, peak, "dp"
+        if status == "gave_up":
             gave_up += 1
             continue
-        if res.order is not None:
-            s.order, s.peak, s.source = list(res.order), int(max(prob.profile(res.order, s.start))), "dp"
         s.proven = True
-        floor = max(floor, int(res.peak) if res.order is not None else s.peak)
+        floor = max(floor, bound)
     peak = max(s.peak for s in segs)
     status = "optimal" if peak <= floor else "gave_up" if gave_up else "feasible"
     log.append(Attempt("dp", peak, floor, status, time.perf_counter() - t1,
-                       f"{states} states; {gave_up} segment(s) over the state cap or time"))
+                       f"{gave_up} segment(s) over the state cap or time"))
     return floor
 
 

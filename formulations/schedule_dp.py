@@ -66,7 +66,8 @@ class OpEffect:
     donors: tuple[tuple[int, int, int], ...]  # (root, size, readers) of in-place inputs, in order
 
 
-def _bits(mask: int):
+def bits(mask: int):
+    """The set bits of `mask` (op or unit ids), lowest first."""
     while mask:
         low = mask & -mask
         yield low.bit_length() - 1
@@ -144,7 +145,7 @@ class Problem:
                 if not (seen >> p) & 1:
                     seen |= 1 << p
                     stack.extend(q for q in self.preds[p] if self.lazy[q])
-            pending[x] = tuple(_bits(seen))
+            pending[x] = tuple(bits(seen))
             for p in (x, *pending[x]):
                 eff_pred[x] |= sum(1 << q for q in self.preds[p]) & ~lazy_mask
             for p in pending[x]:
@@ -319,7 +320,7 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
         below = 0
         for op in ops:
             below |= prob.desc[op] | (1 << op)
-            for p in _bits(prob.eff_pred[op]):
+            for p in bits(prob.eff_pred[op]):
                 v = unit_of.get(p)
                 if v is not None and v != u:
                     upred[u] |= 1 << v
@@ -443,3 +444,34 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
     order = prob.with_pending([op for u in reversed(seq) for op in units[u]])
     return result(tuple(o for o in order if not (start >> o) & 1), peak, "optimal" if beam is None else "beam",
                   stored)
+
+
+def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Sequence[int], peak: int, *,
+            bound: int, state_cap: int, deadline: float) -> tuple[list[int], int, int, str]:
+    """Close the gap between `order`'s peak and the proven lower bound `bound` by exact probes.
+
+    A probe at level B asks whether any order peaks under B (budget B, floor B - 1: the
+    commit rule then prunes the most): "no_better" proves B a lower bound, an order lowers the
+    peak. The first probe sits just under the peak (it proves the peak optimal or improves it)
+    with two thirds of the time left; when it runs out of time or states, probes bisect the gap
+    from below, each with half the time left, to raise the bound.
+    Returns (order, peak, bound, "optimal" | "gave_up")."""
+    order = list(order)
+    probe, top_failed = peak, False
+    while peak > bound and bound < probe <= peak:
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        top = probe == peak
+        res = search(prob, units, start, budget=probe, floor=max(bound, probe - 1), state_cap=state_cap,
+                     deadline=now + (deadline - now) * (2 / 3 if top else 1 / 2))
+        if res.status == "no_better":
+            bound = probe
+            probe = bound + (peak - bound + 1) // 2
+        elif res.status == "gave_up":
+            top_failed = top_failed or top
+            probe = bound + (probe - bound) // 2  # closer to the bound: a cheaper question
+        else:
+            order, peak = list(res.order), max(prob.profile(res.order, start))
+            probe = bound + (peak - bound + 1) // 2 if top_failed else peak
+    return order, peak, bound, "optimal" if peak <= bound else "gave_up"

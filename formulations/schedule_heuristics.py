@@ -164,11 +164,13 @@ def hierarchical(prob: Problem, ops: Sequence[int], start: int, *, floor: int = 
         order, peak = list(res.order), new_peak
         return True
 
-    take(search(prob, blocks, start, floor=floor, budget=peak, beam=beam, deadline=deadline))
-    if peak > floor:  # the blocks exactly, under the beam's peak
+    for width in (8, beam):  # the blocks by beam search, narrow first so that there is an answer early
+        take(search(prob, blocks, start, floor=floor, budget=peak, beam=width, deadline=deadline))
+    if peak > floor:  # the blocks exactly, under the best peak so far
         take(search(prob, blocks, start, floor=floor, budget=peak, state_cap=state_cap, deadline=deadline))
-    # tightening limit: re-search the flat units, pruning every state at or above the best peak
-    while peak > floor and time.perf_counter() < deadline:
-        if not take(search(prob, base, start, floor=floor, budget=peak, beam=beam, deadline=deadline)):
-            break
+    # tightening limit: the flat units by ever wider beams, pruning every state at or above the best peak
+    width = beam
+    while peak > floor and time.perf_counter() < deadline and width <= 16 * beam:
+        take(search(prob, base, start, floor=floor, budget=peak, beam=width, deadline=deadline))
+        width *= 4
     return order, peak
