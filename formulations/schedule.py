@@ -10,19 +10,25 @@ and the objective is  M_P = min over pi of max_i live_i,  counted exactly as
 planner.bounds.live_profile (weights counted or not, sizes aligned). It is the M_P budget
 of COSMA and the M_P of planner.compile.budget.
 
-Methods (`solve(method=...)`), all returning orders that bounds.max_live re-checks:
-  program, bfs, dfs, lpmf  planner.baselines (program order and PyTorch Inductor's three)
-  hier      hierarchical blocks in the spirit of HMCOS (schedule_heuristics.py)
-  dp        exact search over sets of done ops (Serenity; schedule_dp.py), per segment
-            between cut vertices, pruned by the best heuristic peak; "gave_up" at its
-            state cap or time limit
-  cpsat     CP-SAT model per segment (schedule_cpsat.py), warm-started with the best order
-  milp      time-indexed MILP per segment through PuLP/CBC (schedule_milp.py), for comparison
-  auto      the heuristics, then a relaxation (buffers under `relax_below` bytes count 0:
-            its exact optimum bounds the real one from below and its order is a candidate),
-            then exact search on the segments that still decide the peak
-Lower bound: max over segments of a min-cut bound (schedule_dp.cut_lower_bound), raised by
-every segment an exact method settles. gap = (peak - bound) / peak.
+Every method first splits the graph at cut vertices (schedule_dp: segments whose best orders
+are independent), runs program order and Inductor's orders, and keeps per segment the best
+part; all returned orders are re-checked by bounds.max_live. Methods (`solve(method=...)`):
+  program, bfs, dfs, lpmf  only that order (planner.baselines: program order, PyTorch
+            Inductor's breadth-first, depth-first and least-peak-memory-first)
+  hier      plus the hierarchical heuristic in the spirit of HMCOS on every segment above the
+            lower bound (schedule_heuristics.py)
+  dp        plus exact search over sets of done ops (Serenity; schedule_dp.py) on the segments
+            that decide the peak, pruned by the best peak known (schedule_dp.descend);
+            "gave_up" at its state cap or time limit
+  cpsat     plus a CP-SAT model per segment (schedule_cpsat.py), warm-started with the best order
+  milp      plus a time-indexed MILP per segment through PuLP/CBC (schedule_milp.py), for comparison
+  auto      hier, then a relaxation where the graph has tiny buffers (those under `relax_below`
+            bytes count 0: the relaxed problem has more lazy ops and far fewer states; its exact
+            optimum bounds the real one from below and its order is a candidate), then dp.
+            Segment by segment, the state cap and the clock decide how far it gets: narrow
+            segments are settled exactly, wide ones keep the best heuristic order with a gap.
+Lower bound: max over segments of a min-cut bound (schedule_dp.cut_lower_bound) and M_R,
+raised by every segment an exact method settles. gap = (peak - bound) / peak.
 
 Size: exact search is exponential in the width of a segment (number of down-sets);
 CP-SAT has one position variable per op and one interval per buffer. Omits: spills and

@@ -31,6 +31,10 @@ Exact reductions (each keeps at least one optimal order reachable):
   between two cuts has a best order of its own; the peak is the max over segments
   (tensors that cross a cut stay in mem(S)).
 
+`descend` drives the search as a sequence of probes: "is there an order under B?" with the
+floor just under B (where the commit rule prunes the most), first at the best peak known,
+then bisecting between the bound and the peak when that is too hard.
+
 Units generalise ops: a unit is a fixed sequence of non-lazy ops run back to back (the
 hierarchical heuristic contracts regions into units). Size: the number of down-sets,
 exponential in the width of the graph; `state_cap` bounds it and the search says

@@ -290,3 +290,21 @@ def test_milp_equals_brute_force_without_in_place_inputs():
             checked += 1
             assert got.optimal and got.peak == got.bound == best, g.name
     assert checked >= 5
+
+
+def test_descend_proves_or_brackets_the_optimum():
+    from formulations.schedule_dp import descend
+
+    for seed in range(300, 330):
+        g = random_graph(seed, random.Random(seed).randint(8, 14))
+        prob = Problem(g)
+        units = [(o,) for o in range(prob.n) if not prob.lazy[o]]
+        start_order = normalize(prob, baselines.program_order(g))
+        peak = max(prob.profile(start_order))
+        best = exact_reference(g)
+        order, got, bound, status = descend(prob, units, 0, start_order, peak, bound=0, state_cap=10**6,
+                                            deadline=1e18)
+        assert (status, got, bound) == ("optimal", best, best) and max(prob.profile(order)) == best
+        order, got, bound, status = descend(prob, units, 0, start_order, peak, bound=0, state_cap=3,
+                                            deadline=1e18)
+        assert bound <= best <= got == max(prob.profile(order)) <= peak
