@@ -1,0 +1,159 @@
+"""Rematerialisation: CP-SAT and Checkmate's MILP against an exhaustive search on small graphs,
+the greedy, reloads, budgets, and the checker on every plan."""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import pytest
+
+from formulations import remat, remat_heuristics
+from formulations.remat_problem import build_problem
+from models.layered import random_layered
+from planner import remat_plan
+from planner.bounds import InfeasibleError
+from planner.check import check
+from planner.graph import build
+from planner.target import Target
+
+TARGET = Target("test", capacity=None, alignment=1, compute_rate=1e9, offchip_bandwidth=1e9)
+
+
+def exhaustive(graph, budget: int) -> float:
+    """Least recompute FLOPs over every sequence that computes ops for the first time in program
+    order, recomputes anything any number of times and frees anything at any point (Dijkstra over
+    (next first compute, resident set)); math.inf if none stays within `budget`. Graph inputs must
+    own no bytes (they are not tracked)."""
+    p = build_problem(graph, TARGET)
+    n = p.n
+    start = (0, frozenset())
+    best = {start: 0.0}
+    heap = [(0.0, 0, ())]
+    while heap:
+        cost, nxt, res = heapq.heappop(heap)
+        res = frozenset(res)
+        if best.get((nxt, res), math.inf) < cost:
+            continue
+        if nxt == n:
+            return cost
+        mem = sum(p.size[u] for u in res)
+        moves = [(cost, nxt, res - {u}) for u in res]
+        for v in range(nxt + 1):
+            if v in res or any(d not in res for d in p.deps[v]) or mem + p.size[v] > budget:
+                continue
+            if v < nxt and p.recompute_cost[v] == math.inf:
+                continue
+            moves.append((cost + (p.recompute_cost[v] if v < nxt else 0.0), nxt + (v == nxt), res | {v}))
+        for c, x, r in moves:
+            key = (x, r)
+            if c < best.get(key, math.inf):
+                best[key] = c
+                heapq.heappush(heap, (c, x, tuple(sorted(r))))
+    return math.inf
+
+
+def small_graph(seed: int):
+    g = random_layered(9, width=(1, 3), edge_density=0.5, skip_prob=0.3, size_range=(10, 100),
+                       cost_range=(1, 50), seed=seed)
+    d = g.to_dict()
+    d["tensors"][0]["nbytes"] = 0  # the exhaustive search does not track graph inputs
+    from planner.graph import LifetimeGraph
+
+    return LifetimeGraph.from_dict(d)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fraction", [0.9, 0.75, 0.6])
+def test_cpsat_matches_exhaustive_search(seed, fraction):
+    g = small_graph(seed)
+    budget = int(remat.reference_peak(g, TARGET) * fraction)
+    want = exhaustive(g, budget)
+    if want == math.inf:
+        with pytest.raises(InfeasibleError):
+            remat.solve(g, TARGET, budget=budget, time_limit=20, intervals=4)
+        return
+    got = remat.solve(g, TARGET, budget=budget, time_limit=20, intervals=4)
+    assert got.status == "optimal"
+    assert got.cost == pytest.approx(want)
+    checked = check(g, got.plan, TARGET)
+    assert checked.metrics["peak_bytes"] <= budget
+    assert checked.metrics["recompute_flops"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 8])
+def test_checkmate_milp_matches_exhaustive_search(seed):
+    g = small_graph(seed)
+    budget = int(remat.reference_peak(g, TARGET) * 0.9)
+    want = exhaustive(g, budget)
+    assert want < math.inf
+    got = remat.solve(g, TARGET, budget=budget, time_limit=30, backend="milp")
+    assert got.cost == pytest.approx(want)
+    assert check(g, got.plan, TARGET).metrics["peak_bytes"] <= budget
+
+
+def test_known_chain_recompute():
+    # a -> b -> c -> d, with d also reading a: a, b (20 bytes) and c together need 40; within 30,
+    # a must go while C runs and come back (recompute, cost 5) before D
+    g = build("chain", [("x", 0, "input"), ("a", 10, "activation"), ("b", 20, "activation"),
+                        ("c", 10, "activation"), ("d", 10, "output")],
+              [("A", ["x"], ["a"], 5), ("B", ["a"], ["b"], 7), ("C", ["b"], ["c"], 9), ("D", ["a", "c"], ["d"], 1)])
+    assert remat.reference_peak(g, TARGET) == 40
+    assert exhaustive(g, 30) == 5
+    got = remat.solve(g, TARGET, budget=30, time_limit=10)
+    assert got.status == "optimal" and got.cost == 5
+    assert [i for i in got.sequence if isinstance(i, int)] == [0, 1, 2, 0, 3]
+    assert got.plan.metrics["peak_bytes"] == 30
+    with pytest.raises(InfeasibleError):
+        remat.solve(g, TARGET, budget=29, time_limit=10)  # D alone needs a, c and d
+
+
+def test_reload_when_recompute_is_dear():
+    g = build("chain", [("x", 0, "input"), ("a", 10, "activation"), ("b", 20, "activation"),
+                        ("c", 10, "activation"), ("d", 10, "output")],
+              [("A", ["x"], ["a"], 1e9), ("B", ["a"], ["b"], 7), ("C", ["b"], ["c"], 9), ("D", ["a", "c"], ["d"], 1)])
+    got = remat.solve(g, TARGET, budget=30, time_limit=10, objective="time")
+    kinds = [i.kind for i in got.plan.instructions]
+    assert got.status == "optimal"
+    assert ("load", 1) in [(i.kind, i.ref) for i in got.plan.instructions]  # a comes back from off-chip
+    assert kinds.count("compute") == 4  # nothing recomputed
+    assert got.cost == pytest.approx(2 * 10 / 1e9)  # one store and one reload of 10 bytes
+    traffic = remat.solve(g, TARGET, budget=30, time_limit=10, objective="traffic")
+    assert traffic.cost == 20 and traffic.plan.metrics["noncompulsory_bytes"] == 20
+    flops = remat.solve(g, TARGET, budget=30, time_limit=10, objective="recompute")
+    assert flops.cost == 1e9 and flops.plan.metrics["recompute_flops"] == 1e9
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.8])
+def test_random_layered_100(fraction):
+    g = random_layered(100, seed=0)
+    got = remat.solve(g, TARGET, budget=fraction, time_limit=60)
+    checked = check(g, got.plan, TARGET)
+    assert checked.metrics["peak_bytes"] <= got.budget
+    assert checked.metrics["recompute_flops"] == pytest.approx(got.cost)
+    assert got.bound <= got.cost
+    greedy = remat_heuristics.greedy(build_problem(g, TARGET), got.budget)
+    if greedy is not None:
+        assert remat_plan.peak(g, TARGET, greedy) <= got.budget
+        assert got.cost <= remat_plan.recompute_flops(g, greedy)
+
+
+def test_budget_forms():
+    g = random_layered(20, seed=3)
+    ref = remat.reference_peak(g, TARGET)
+    assert remat.resolve_budget(g, TARGET, 0.5) == ref // 2
+    assert remat.resolve_budget(g, TARGET, "50%") == ref // 2
+    assert remat.resolve_budget(g, TARGET, "1KiB") == 1024
+    assert remat.resolve_budget(g, TARGET.with_(capacity=777), None) == 777
+    with pytest.raises(ValueError):
+        remat.resolve_budget(g, TARGET, None)
+    with pytest.raises(InfeasibleError, match="largest working set"):
+        remat.solve(g, TARGET, budget=10)
+
+
+def test_sequence_errors():
+    g = random_layered(5, seed=0)
+    with pytest.raises(remat_plan.SequenceError, match="not resident"):
+        remat_plan.instances(g, TARGET, [4])
+    with pytest.raises(remat_plan.SequenceError, match="never computed"):
+        remat_plan.to_plan(g, TARGET, [0, 1], None)
