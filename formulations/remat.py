@@ -153,12 +153,16 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
     if ref <= cap:
         candidates.append((0.0, "program", program))
     else:
-        for name, seq in [("greedy", remat_heuristics.greedy(p, cap)), *(("hint", list(h)) for h in hints)]:
-            if seq is not None and remat_plan.peak(graph, target, seq) <= cap:
+        tries = [("greedy", remat_heuristics.greedy(p, int(cap * (1 - 0.03 * k)))) for k in range(4)]
+        for name, seq in [*tries, *(("hint", list(h)) for h in hints)]:
+            if seq is None:
+                continue
+            if backend == "cpsat":  # CP-SAT times the repeats of a stage in node order
+                seq = remat_cpsat.model_order(p, seq)
+            if remat_plan.peak(graph, target, seq) <= cap:
                 cost = sequence_cost(p, seq)
                 if cost < math.inf:
                     candidates.append((cost, name, seq))
-    candidates.sort(key=lambda c: c[0])
     bound = 0.0
     if not candidates or candidates[0][0] > 0:
         left = time_limit - (time.perf_counter() - t0)

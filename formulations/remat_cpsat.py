@@ -49,6 +49,24 @@ def _tau(s: int, v: int, n: int) -> int:
     return 2 * (s * n + v) + 1
 
 
+def model_order(p: RematProblem, sequence: Sequence[Item]) -> list[Item]:
+    """`sequence` with the repeats of each stage sorted by node, as this model times them (a
+    topological order still; the peak may differ)."""
+    producer = p.graph.producer
+    out: list[Item] = []
+    block: list[Item] = []
+    seen: set[int] = set()
+    for item in sequence:
+        if isinstance(item, int) and item not in seen:
+            seen.add(item)
+            out.extend(sorted(block, key=lambda x: x if isinstance(x, int) else producer.get(x[1], -1)))
+            out.append(item)
+            block = []
+        else:
+            block.append(item)
+    return out + block
+
+
 def _hint_intervals(p: RematProblem, hint: Sequence[Item]) -> dict[int, list[tuple[int, bool]]] | None:
     """node -> [(stage, is_reload)] of its events in `hint`, first compute first (None if the
     hint computes nodes for the first time out of program order)."""
@@ -83,6 +101,7 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
     horizon = _tau(n, 0, n) + 1
     users = p.users
     events = _hint_intervals(p, hint) if hint is not None else None
+    src_events = _source_events(p, hint, n) if events is not None else None
     m = cp_model.CpModel()
     inf = math.inf
 
@@ -174,30 +193,66 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
                     m.add(end[u][j] >= start[v][i]).only_enforce_if(b)
                     choices.append(b)
                 m.add(sum(choices) >= need)
-    # sources: one interval from before the first reader to the last
+    # sources: up to C intervals (the first a load, the others reloads), each covering its readers
+    src_start: dict[int, list] = {}
+    src_end: dict[int, list] = {}
+    src_act: dict[int, list] = {}
     for s, readers in p.source_users().items():
         if not readers:
             continue
-        lo = m.new_int_var(0, horizon, f"src_start_{s}")
-        hi = m.new_int_var(0, horizon, f"src_end_{s}")
+        count = max(intervals, len(src_events[s]) if src_events else 0)
+        src_start[s], src_end[s], src_act[s] = [], [], []
+        for j in range(count):
+            lo = m.new_int_var(0, horizon, f"src_start_{s}_{j}")
+            hi = m.new_int_var(0, horizon, f"src_end_{s}_{j}")
+            a = 1 if j == 0 else m.new_bool_var(f"src_active_{s}_{j}")
+            m.add(hi >= lo)
+            if j > 0:
+                m.add(lo >= src_end[s][-1] + 1).only_enforce_if(a)
+                m.add(lo == horizon).only_enforce_if(~a)
+                m.add(hi == horizon).only_enforce_if(~a)
+                if j > 1:
+                    m.add_implication(a, src_act[s][-1])
+                objective.append(p.int_cost(p.source_reload_cost[s]) * a)
+            length = m.new_int_var(1, horizon + 1, f"src_len_{s}_{j}")
+            if j == 0:
+                mem_intervals.append(m.new_interval_var(lo, length, hi + 1, f"src_iv_{s}_{j}"))
+            else:
+                mem_intervals.append(m.new_optional_interval_var(lo, length, hi + 1, a, f"src_iv_{s}_{j}"))
+            mem_demands.append(p.source_size[s])
+            src_start[s].append(lo)
+            src_end[s].append(hi)
+            src_act[s].append(a)
         for v in readers:
             for i in range(len(start[v])):
-                if computes(v, i) is None:
+                need = computes(v, i)
+                if need is None:
                     continue
-                lit = None if i == 0 else active[v][i]
-                c1 = m.add(lo <= start[v][i] - 1)
-                c2 = m.add(hi >= start[v][i])
-                if lit is not None:
-                    c1.only_enforce_if(lit)
-                    c2.only_enforce_if(lit)
-        mem_intervals.append(m.new_interval_var(lo, m.new_int_var(1, horizon, f"src_len_{s}"), hi + 1,
-                                                f"src_iv_{s}"))
-        mem_demands.append(p.source_size[s])
+                choices = []
+                for j in range(count):
+                    b = m.new_bool_var(f"src_cover_{v}_{i}_{s}_{j}")
+                    n_bools += 1
+                    if j > 0:
+                        m.add_implication(b, src_act[s][j])
+                    m.add(src_start[s][j] <= start[v][i] - 1).only_enforce_if(b)
+                    m.add(src_end[s][j] >= start[v][i]).only_enforce_if(b)
+                    choices.append(b)
+                m.add(sum(choices) >= need)
     m.add_cumulative(mem_intervals, mem_demands, budget)
     m.minimize(sum(objective))
 
     if events is not None:
         _add_hint(m, p, events, stage_var, active, reload, end, start, users, n)
+        for s, evs in src_events.items():
+            for j, (lo, hi) in enumerate(evs[: len(src_start.get(s, ()))]):
+                m.add_hint(src_start[s][j], lo)
+                m.add_hint(src_end[s][j], hi)
+                if j > 0:
+                    m.add_hint(src_act[s][j], 1)
+            for j in range(len(evs), len(src_start.get(s, ()))):
+                m.add_hint(src_act[s][j], 0)
+                m.add_hint(src_start[s][j], horizon)
+                m.add_hint(src_end[s][j], horizon)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.1, time_limit - (time.perf_counter() - t0))
     solver.parameters.num_workers = workers
@@ -216,23 +271,51 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
     if name not in ("optimal", "feasible"):
         return CpsatResult(None, name, None, 0.0 if name != "infeasible" else inf, time.perf_counter() - t0, stats)
 
-    evs = []
+    evs: list[tuple[int, int, Item]] = []  # (time, 0 for loads of sources / 1 for the rest, item)
     for v in range(n):
         for i in range(len(start[v])):
             if i > 0 and not solver.boolean_value(active[v][i]):
                 continue
             t = solver.value(start[v][i]) if i > 0 else start[v][0]
-            is_reload = i > 0 and reload[v][i] is not None and solver.boolean_value(reload[v][i])
-            evs.append((t, v, is_reload))
-    evs.sort()
-    seq: list[Item] = []
-    for _, v, is_reload in evs:
-        if is_reload:
-            seq.extend(("load", t) for t in p.graph.ops[v].outputs if p.graph.is_buffer(t, p.target.include_weights))
-        else:
-            seq.append(v)
+            if i > 0 and reload[v][i] is not None and solver.boolean_value(reload[v][i]):
+                evs.extend((t, 1, ("load", x)) for x in p.graph.ops[v].outputs
+                           if p.graph.is_buffer(x, p.target.include_weights))
+            else:
+                evs.append((t, 1, v))
+    for s, acts in src_act.items():
+        for j in range(1, len(acts)):
+            if solver.boolean_value(acts[j]):
+                evs.append((solver.value(src_start[s][j]), 0, ("load", s)))
+    evs.sort(key=lambda e: (e[0], e[1]))
+    seq: list[Item] = [item for _, _, item in evs]
     return CpsatResult(seq, name, solver.objective_value / p.scale, solver.best_objective_bound / p.scale,
                        time.perf_counter() - t0, stats)
+
+
+def _source_events(p: RematProblem, hint: Sequence[Item], n: int) -> dict[int, list[tuple[int, int]]]:
+    """source -> [(start, end)] model times of its instances in `hint`: an explicit load (or the
+    first read) opens one; it reaches its last read before the next."""
+    out: dict[int, list[list[int]]] = {s: [] for s in p.source_size}
+    stage = 0
+    seen: set[int] = set()
+    pending: set[int] = set(p.source_size)  # sources whose next read opens an instance
+    for item in hint:
+        if isinstance(item, tuple):
+            if item[1] in out:
+                pending.add(item[1])
+            continue
+        if item not in seen:
+            seen.add(item)
+            t = _tau(item, item, n)
+            stage = item + 1  # the stage of the recomputes that follow
+        else:
+            t = _tau(stage, item, n)
+        for s in p.sources[item]:
+            if s in pending:
+                out[s].append([t - 1, t])
+                pending.discard(s)
+            out[s][-1][1] = t
+    return {s: [tuple(x) for x in evs] for s, evs in out.items()}
 
 
 def _add_hint(m, p: RematProblem, events, stage_var, active, reload, end, start, users, n: int) -> None:

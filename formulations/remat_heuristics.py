@@ -23,7 +23,10 @@ class _Stuck(Exception):
     pass
 
 
-def greedy(problem: RematProblem, budget: int) -> list[Item] | None:
+def greedy(problem: RematProblem, budget: int, max_chain: int | None = None) -> list[Item] | None:
+    """The greedy sequence within `budget` (None if it gets stuck). `max_chain` bounds how many
+    evicted nodes in a row a recompute may have to redo (None: no bound): short chains keep the
+    pinned working set of a recompute small at tight budgets."""
     p = problem
     n = p.n
     users = p.users
@@ -61,9 +64,22 @@ def greedy(problem: RematProblem, budget: int) -> list[Item] | None:
                                                 if d not in resident and d not in spilled)
         return memo[u]
 
+    def chain_up(u: int, memo: dict[int, int]) -> int:
+        if u not in memo:
+            memo[u] = 1 + max((chain_up(d, memo) for d in p.deps[u] if d not in resident and d not in spilled),
+                              default=0)
+        return memo[u]
+
+    def chain_down(u: int, memo: dict[int, int]) -> int:
+        if u not in memo:
+            memo[u] = max((1 + chain_down(c, memo) for c in users[u] if c in evicted), default=0)
+        return memo[u]
+
     def make_room(need: int) -> None:
         nonlocal mem
         memo: dict[int, float] = {}
+        ups: dict[int, int] = {}
+        downs: dict[int, int] = {}
         while mem + need > budget:
             best, best_score, best_reload = -1, math.inf, False
             for u in resident:
@@ -72,10 +88,14 @@ def greedy(problem: RematProblem, budget: int) -> list[Item] | None:
                 if need_at[u] < 0 or need_at[u] < stage:  # nothing reads it again
                     best, best_score, best_reload = u, -1.0, False
                     break
-                recompute = chain_cost(u, memo)
+                # its own chain, plus what it adds to recomputing evicted readers (DTR counts both sides)
+                recompute = chain_cost(u, memo) * (1 + sum(1 for c in users[u] if c in evicted))
                 reload = p.reload_cost[u] + (0 if u in stored else p.store_cost[u])
                 cost = min(recompute, reload)
                 if cost == math.inf:
+                    continue
+                if max_chain is not None and reload >= recompute and \
+                        chain_up(u, ups) + chain_down(u, downs) > max_chain:
                     continue
                 score = cost / (p.size[u] * (need_at[u] - stage + 1))
                 if score < best_score:
@@ -89,6 +109,8 @@ def greedy(problem: RematProblem, budget: int) -> list[Item] | None:
             resident.discard(best)
             mem -= p.size[best]
             memo.clear()  # chain costs change with what is resident
+            ups.clear()
+            downs.clear()
 
     def ensure_source(s: int) -> None:
         nonlocal mem

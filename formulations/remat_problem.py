@@ -4,7 +4,8 @@ Node v is op v of the graph (program order is the given topological order, as in
 and Moccasin). Its size is the aligned bytes of its buffer-owning outputs (0 for views and
 ops that write nothing the scratchpad holds). Its dependencies are the producers of the roots
 of the tensors it reads (a view read needs the view's root). Graph inputs (and weights a
-target counts) are `sources`: loaded before their first read, resident until their last.
+target counts) are `sources`: loaded before their first read; loading one again costs its bytes (traffic, time)
+or nothing (recompute: graph inputs live off-chip in every plan).
 
 Costs, in one unit per objective (`objective`):
   recompute  recompute FLOPs (reloads not allowed)
@@ -34,6 +35,7 @@ class RematProblem:
     deps: tuple[tuple[int, ...], ...]  # per node: producer nodes of the roots it reads
     sources: tuple[tuple[int, ...], ...]  # per node: source tensors (inputs, counted weights) it reads
     source_size: dict[int, int]  # source tensor id -> aligned bytes
+    source_reload_cost: dict[int, float]  # source tensor id -> cost of loading it again (0 for `recompute`)
     recompute_cost: tuple[float, ...]  # per node, in the objective's unit (inf: not allowed)
     reload_cost: tuple[float, ...]  # per node: the reload itself (inf: not allowed)
     store_cost: tuple[float, ...]  # per node: the one store a reload needs first
@@ -96,5 +98,7 @@ def build_problem(graph: LifetimeGraph, target: Target, objective: str = "recomp
     finite = [c for c in (*rc, *lc, *sc) if c != inf and c > 0]
     top = max(finite, default=1.0)
     scale = 1.0 if top <= COST_CEILING and all(float(c).is_integer() for c in finite) else COST_CEILING / top
+    per_byte = {"recompute": 0.0, "traffic": 1.0, "time": 1.0 / target.offchip_bandwidth}[objective]
+    source_reload = {t: graph.tensors[t].nbytes * per_byte for t in source_size}
     return RematProblem(graph, target, objective, tuple(size), tuple(deps), tuple(sources), source_size,
-                        tuple(rc), tuple(lc), tuple(sc), scale)
+                        source_reload, tuple(rc), tuple(lc), tuple(sc), scale)
