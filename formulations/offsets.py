@@ -91,6 +91,7 @@ class Options:
     exact_alone: float = 2.0  # auto: seconds of full CPU for exact search in the race, then a third
     cpsat_orders: tuple[str, ...] = ("start", "widest")  # auto: one CP-SAT run per buffer order
     early_share: float = 0.4  # auto: CP-SAT runs but the last stop at this share of the time left
+    bound_share: float = 0.3  # auto, minimising: share of the time left for the race at the lower bound
     cpsat_strategy: bool = True  # cpsat: lowest offset first, in the given buffer order
     cpsat_fixed: bool = False  # cpsat: only that strategy (FIXED_SEARCH) instead of mixing in its own
     cpsat_workers: int = 1  # cpsat: search workers per run
