@@ -201,12 +201,25 @@ def evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> 
     axes attribute of opset 11 is then rejected)."""
     from onnx.reference import ReferenceEvaluator
 
+    if node.op_type == "GatherElements":  # onnx.reference's kernel fails past 64 entries along the axis
+        return [_gather_elements(node, feeds)]
+
     def untyped(names):
         return [helper.make_tensor_value_info(x, TensorProto.UNDEFINED, None) for x in names if x]
 
     graph = helper.make_graph([node], "node", untyped(node.input), untyped(node.output))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return ReferenceEvaluator(model).run(None, feeds)
+
+
+def _gather_elements(node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX GatherElements: out[i][j][k] = data[i][index[i][j][k]][k] (axis 1); index may be shorter than
+    data along the other axes, and negative indices count from the end."""
+    data, index = (feeds[x] for x in node.input)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % data.ndim
+    data = data[tuple(slice(None) if d == axis else slice(0, n) for d, n in enumerate(index.shape))]
+    index = np.where(index < 0, index + data.shape[axis], index)
+    return np.take_along_axis(data, index, axis=axis)
 
 
 def _infer(node: onnx.NodeProto, name: str, ins: list[Value | None], opset: int, where: str,

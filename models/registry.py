@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_UNAVAILABLE: dict[str, str] = {}  # name -> why it cannot be built here (a missing optional extra)
 
 
 class ModelSpecError(ValueError):
@@ -43,8 +44,16 @@ def register(name: str, *, small: dict[str, Any] | None = None, family: str = "c
     return deco
 
 
+def unavailable(name: str, reason: str) -> None:
+    """Declare a model that this installation cannot build: `spec(name)` raises ModelSpecError(reason)
+    and `names()` leaves it out (models/hf.py without transformers)."""
+    _UNAVAILABLE[name] = reason
+
+
 def spec(name: str) -> ModelSpec:
     _load_all()
+    if name in _UNAVAILABLE and name not in _REGISTRY:
+        raise ModelSpecError(_UNAVAILABLE[name])
     if name not in _REGISTRY:
         raise ModelSpecError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
