@@ -50,7 +50,8 @@ class RematResult:
     status: str  # "optimal" | "feasible" | "heuristic"
     budget: int  # peak budget in bytes
     reference_peak: int  # peak of the program order without rematerialisation
-    seconds: float
+    seconds: float  # everything: heuristics, solver, placement, check
+    solve_seconds: float  # until the sequence was chosen (before offsets were placed)
     found_by: str  # "program", "greedy", "hint", "cpsat", "milp"
 
     @property
@@ -119,7 +120,7 @@ def sequence_cost(p: RematProblem, sequence: Sequence[Item]) -> float:
 def solve(graph: LifetimeGraph, target: Target, *, budget: int | float | str | None = None,
           time_limit: float = 60.0, backend: str = "cpsat", objective: str = "recompute",
           intervals: int = 2, hints: Sequence[Sequence[Item]] = (), presolve: bool = True,
-          progress: Callable[[str], None] | None = None) -> RematResult:
+          placement_seconds: float = 1.0, progress: Callable[[str], None] | None = None) -> RematResult:
     t0 = time.perf_counter()
     if backend not in BACKENDS:
         raise ValueError(f"unknown remat backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -134,8 +135,8 @@ def solve(graph: LifetimeGraph, target: Target, *, budget: int | float | str | N
     log = progress or (lambda _msg: None)
     known_bound: float | None = None  # the bound at the user's budget stays valid when we lower ours
     for _attempt in range(8):
-        out = _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective,
-                          intervals, hints, presolve, log, known_bound)
+        out = _solve_once(graph, target, cap, ref, t0, time_limit - placement_seconds, backend, objective,
+                          intervals, hints, presolve, placement_seconds, log, known_bound)
         if isinstance(out, RematResult):
             return out
         overshoot, bound = out
@@ -146,7 +147,7 @@ def solve(graph: LifetimeGraph, target: Target, *, budget: int | float | str | N
 
 
 def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, intervals, hints, presolve,
-                log, known_bound) -> RematResult | tuple[int, float]:
+                placement_seconds, log, known_bound) -> RematResult | tuple[int, float]:
     p = build_problem(graph, target, objective)
     program = list(range(len(graph.ops)))
     candidates: list[tuple[float, str, list[Item]]] = []
@@ -185,6 +186,7 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
             raise InfeasibleError(f"remat: no plan within a peak of {cap} bytes found in {time_limit:.0f} s "
                                   f"({backend}: {res.status}; the no-remat peak is {ref})")
     cost, found_by, seq = candidates[0]
+    solved = time.perf_counter() - t0
     bound = bound if known_bound is None else known_bound
     slack = 1.0 / p.scale + 1e-9 * cost  # integer rounding of the solver's costs
     status = "optimal" if bound >= cost - slack else ("heuristic" if found_by in ("greedy", "hint") else "feasible")
@@ -193,13 +195,14 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
                           params={"budget": cap, "reference_peak": ref, "objective": objective,
                                   "intervals": intervals, "found_by": found_by})
     try:
-        plan = remat_plan.to_plan(graph, target, seq, record)
+        plan = remat_plan.to_plan(graph, target, seq, record, time_limit=placement_seconds)
     except remat_plan.PlacementError as e:
         return max(e.arena - cap, target.alignment), bound
     gap = 0.0 if cost <= 0 else max(0.0, (cost - min(bound, cost)) / cost)
     plan = plan.with_(solver=SolverRecord(**{**{k: getattr(record, k) for k in SolverRecord.__slots__},
                                               "gap": gap, "seconds": time.perf_counter() - t0}))
-    return RematResult(plan, seq, cost, min(bound, cost), status, cap, ref, time.perf_counter() - t0, found_by)
+    return RematResult(plan, seq, cost, min(bound, cost), status, cap, ref, time.perf_counter() - t0, solved,
+                       found_by)
 
 
 def plan(graph: LifetimeGraph, target: Target, *, time_limit: float = 60.0, budget=None,
