@@ -7,6 +7,8 @@
   - an nn.Module with example_inputs  -> frontends.fx.lower_module
 Eval-mode torch modules get the fx inference rewrites (frontends.fx_inference)
 unless `rewrites` says otherwise (InferenceRewrites.none(): the graph as exported).
+training=True lowers one training step instead (frontends.training: forward and
+backward of the module in train mode and the mean of its output), fx only.
 torch and onnx are imported only when a frontend that needs them runs.
 """
 
@@ -23,16 +25,26 @@ __all__ = ["FrontendError", "Lowered", "load_model", "with_elem_size"]
 
 def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
                elem_size: int | None = None, via: str = "fx", example_inputs=None,
-               name: str | None = None, rewrites=None) -> Lowered:
+               name: str | None = None, rewrites=None, training: bool = False) -> Lowered:
     """Lower an ONNX path, a "zoo:" model spec or an nn.Module (with example_inputs).
 
     `rewrites`: a frontends.fx_inference.InferenceRewrites for torch models lowered
     through fx (None: lower_module's default); ONNX lowerings ignore it.
+    `training`: the joint forward + backward graph of a training step
+    (frontends.training.lower_training; torch models through fx only).
     """
     if via not in ("fx", "onnx"):
         raise FrontendError(f"via must be 'fx' or 'onnx', not {via!r}")
+    if training:
+        if not (_is_module(source) or str(source).startswith("zoo:")):
+            raise FrontendError(f"{source}: training graphs come from torch models (a zoo: spec or an "
+                                "nn.Module), not from ONNX files")
+        if via != "fx" or rewrites is not None:
+            what = source if isinstance(source, str) else type(source).__name__
+            raise FrontendError(f"{what}: training graphs are lowered through fx only "
+                                "(via='fx', no inference rewrites)")
     if isinstance(source, str) and source.startswith("zoo:"):
-        return _load_zoo(source, input_shapes, elem_size, via, name, rewrites)
+        return _load_zoo(source, input_shapes, elem_size, via, name, rewrites, training)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not path.lower().endswith(".onnx"):
@@ -45,6 +57,10 @@ def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None =
         if example_inputs is None:
             raise FrontendError(f"{type(source).__name__}: an nn.Module needs example_inputs")
         _no_input_shapes(input_shapes, type(source).__name__)
+        if training:
+            from frontends.training import lower_training
+
+            return lower_training(source, tuple(example_inputs), name=name, elem_size=elem_size).lowered
         from frontends.fx import lower_module
 
         return lower_module(source, tuple(example_inputs), name=name, elem_size=elem_size, rewrites=rewrites)
@@ -52,7 +68,8 @@ def load_model(source: Any, *, input_shapes: dict[str, tuple[int, ...]] | None =
                         "pass a .onnx path, a zoo:NAME spec or an nn.Module")
 
 
-def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: str | None, rewrites) -> Lowered:
+def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: str | None, rewrites,
+              training: bool = False) -> Lowered:
     import models
 
     try:
@@ -79,6 +96,10 @@ def _load_zoo(spec: str, input_shapes, elem_size: int | None, via: str, name: st
         module, inputs = models.build(model_name, **params)
     except models.ModelSpecError as e:
         raise FrontendError(str(e)) from e
+    if training:
+        from frontends.training import lower_training
+
+        return lower_training(module.train(), inputs, name=name or spec, elem_size=elem_size).lowered
     return lower_module(module, inputs, name=name or spec, elem_size=elem_size, rewrites=rewrites)
 
 

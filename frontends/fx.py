@@ -25,8 +25,9 @@ is written in its output shape by that result's op, which then carries
 "result_shapes" (below): the output owns storage without a copy, as at run time,
 where _unsafe_view exists for exactly this (a fresh mm result taking the
 (batch, seq, vocab) shape of an LM head's logits).
-FLOPs come from torch.utils.flop_counter's formulas (matmuls, convolutions,
-attention); every other op counts its output elements, views count zero.
+FLOPs come from torch.utils.flop_counter's formulas (matmuls, convolutions and
+their backward, attention); reductions and pooling count the elements of their
+largest input or output, every other op its output elements, views zero.
 
 attrs of every op, enough to replay it through ATen:
   {"target": "aten.convolution.default", "args": [...], "kwargs": {...},
@@ -54,14 +55,19 @@ _RESHAPES = frozenset({"aten.view.default", "aten._unsafe_view.default"})
 _KEPT_ACTIVATIONS = ("hardswish", "hardsigmoid", "silu", "mish", "softplus", "softshrink", "hardshrink")
 
 
-def _decompose(ep):
-    """Core ATen, except the one-kernel activations (see the module docstring)."""
+def decomposition_table():
+    """Core ATen, except the one-kernel activations (see the module docstring); training graphs
+    (frontends.training) are traced through the same table, so lowering them decomposes nothing more."""
     import torch
 
     table = torch.export.default_decompositions()
     for name in _KEPT_ACTIVATIONS:
         table.pop(getattr(torch.ops.aten, name).default, None)
-    return ep.run_decompositions(table)
+    return table
+
+
+def _decompose(ep):
+    return ep.run_decompositions(decomposition_table())
 
 
 def lower_module(module, example_inputs: Sequence[Any], *, name: str | None = None,
@@ -90,7 +96,7 @@ def lower_module(module, example_inputs: Sequence[Any], *, name: str | None = No
 
 def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = None,
                        elem_size: int | None = None, weight_inputs: Collection[int] | None = None,
-                       rewrites: InferenceRewrites | None = None) -> Lowered:
+                       rewrites: InferenceRewrites | None = None, trace: bool = True) -> Lowered:
     """Lower an fx.GraphModule (e.g. from Dynamo or AOTAutograd) run on `example_inputs`.
 
     Dynamo passes parameters and buffers as graph inputs; the inputs at the
@@ -100,6 +106,10 @@ def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = 
     `inputs` in call order since the caller feeds them. No inference rewrites
     unless asked for (these graphs may be training graphs; BatchNorm is folded
     only into weights the graph owns, never into ones the caller feeds).
+    trace=False lowers the graph as it is, without torch.export's two traces: for
+    graphs that are already functional core ATen of `decomposition_table` with a
+    fake value on every node and a list of returns (AOTAutograd's joint graphs
+    traced through that table: frontends.training).
     """
     import torch
 
@@ -109,11 +119,28 @@ def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = 
                          if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
     weight_inputs = set(weight_inputs)
     try:
-        ep = _decompose(torch.export.export(gm, tuple(example_inputs)))
+        ep = _decompose(torch.export.export(gm, tuple(example_inputs))) if trace else _as_program(gm.graph)
     except Exception as e:
-        raise FrontendError(f"{gname}: torch.export failed: {_first_line(e)}") from e
+        raise FrontendError(f"{gname}: {'torch.export' if trace else 'lowering'} failed: {_first_line(e)}") from e
     return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs,
                            rewrites or InferenceRewrites.none())
+
+
+def _as_program(graph):
+    """The parts of an ExportedProgram that _Lowering reads, for a graph taken as it is: every
+    placeholder a user input, every return a user output."""
+    from types import SimpleNamespace
+
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    returns = next(n for n in graph.nodes if n.op == "output").args[0]
+    if not isinstance(returns, (list, tuple)):
+        raise FrontendError("a graph lowered without tracing must return a list")
+    inputs = [SimpleNamespace(kind=InputKind.USER_INPUT, arg=SimpleNamespace(name=n.name), target=None)
+              for n in graph.nodes if n.op == "placeholder"]
+    outputs = [SimpleNamespace(kind=OutputKind.USER_OUTPUT, arg=getattr(v, "name", v)) for v in returns]
+    signature = SimpleNamespace(input_specs=inputs, output_specs=outputs)
+    return SimpleNamespace(graph=graph, graph_signature=signature, state_dict={}, constants={})
 
 
 def _first_line(e: BaseException) -> str:
@@ -244,7 +271,7 @@ class _Lowering:
             result_shapes.append(None if reshape is None else list(val.shape))
             outs.append(tid)
         for user in node.users:
-            if user.target is operator.getitem:
+            if user.target is operator.getitem and (node, user.args[1]) in self.ids:  # else a None result
                 self.ids[user] = self.ids[(node, user.args[1])]
         is_view = all(self.gb.kind(t) == "activation" and self.gb.root(t) != t for t in outs)
         attrs = {
@@ -299,6 +326,8 @@ class _Lowering:
                     user.append(self.ids[value])
                 elif value is None or isinstance(value, (bool, int, float)):
                     constants[position] = value
+                elif getattr(value, "meta", {}).get("val", 0) is None:  # a getitem of a result left out (no grad)
+                    constants[position] = None
                 else:
                     raise FrontendError(f"{self.gb.name}: output {spec.arg} is neither a tensor nor a constant")
                 position += 1
@@ -374,11 +403,12 @@ def _encode(value, ids: dict[Any, int]):
 
 
 def _flops(node, target, results) -> float:
-    """torch.utils.flop_counter's formula where one exists, else the output's element count."""
+    """torch.utils.flop_counter's formula where one exists; reductions and pooling (forward and
+    backward) count the elements of their largest input or output; every other op its output's."""
     import torch
-    from torch.utils.flop_counter import flop_registry
+    from torch.utils import flop_counter
 
-    formula = flop_registry.get(target.overloadpacket)
+    formula = flop_counter.flop_registry.get(target.overloadpacket)
     if formula is not None:
         def val(v):
             return v.meta.get("val") if isinstance(v, torch.fx.Node) else v
@@ -388,4 +418,14 @@ def _flops(node, target, results) -> float:
             return float(formula(*args, out_val=node.meta.get("val"), **kwargs))
         except Exception:  # a formula that rejects these arguments: fall back to the element count
             pass
-    return float(math.prod(results[0][1].shape))
+    if target.name().startswith("aten::_scaled_dot_product_flash_attention_for_cpu"):  # flop_counter: GPU only
+        shapes = [a.meta["val"].shape for a in node.args[:4] if isinstance(a, torch.fx.Node)]
+        if target.name().endswith("_backward"):
+            return float(flop_counter.sdpa_backward_flop_count(*shapes[:4]))
+        return float(flop_counter.sdpa_flop_count(*shapes[:3]))
+    out = float(math.prod(results[0][1].shape))
+    if torch.Tag.reduction in target.tags or "pool" in target.name():  # every input element is read
+        sizes = [math.prod(a.meta["val"].shape) for a in node.all_input_nodes
+                 if isinstance(a.meta.get("val"), torch.Tensor)]
+        return max([out, *map(float, sizes)])
+    return out

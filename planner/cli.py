@@ -6,7 +6,8 @@
   memplan offsets FILE.csv --capacity N [-o placed.csv]
   memplan replay PLAN MODEL [--device cpu|cuda] [--check]
 
-MODEL is an ONNX file or a registry model (`zoo:resnet50:batch=32,res=224`).
+MODEL is an ONNX file or a registry model (`zoo:resnet50:batch=32,res=224`);
+`--training` plans a torch model's training step (forward and backward) instead.
 Exit codes: 0 success, 1 an invalid plan (check), 2 bad input. Reports go to
 stdout (`--json` for machines); progress goes to stderr when it is a terminal.
 """
@@ -39,6 +40,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="fix an ONNX input's shape, e.g. input0:1,3,224,224 (repeatable)")
     p.add_argument("--elem-size", type=int, default=None, help="bytes per element for every tensor (int8: 1)")
     p.add_argument("--via", choices=("fx", "onnx"), default="fx", help="how a zoo: model is lowered")
+    p.add_argument("--training", action="store_true",
+                   help="the training step's graph: forward and backward of the mean of the output (fx only)")
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
@@ -65,13 +68,16 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
 def lower(args: argparse.Namespace, model: str):
     from frontends import load_model
 
+    if args.training and args.command == "replay":  # its inputs and reference are the inference ones
+        raise UsageError(f"{model}: replay of training graphs is not supported yet")
     return load_model(model, input_shapes=parse_input_shapes(args.input_shape), elem_size=args.elem_size,
-                      via=args.via)
+                      via=args.via, training=args.training)
 
 
 def apply_lowering_record(args: argparse.Namespace, plan) -> None:
-    """Lower the model the way the plan was made (elem_size, via, input shapes), unless told otherwise."""
+    """Lower the model the way the plan was made (elem_size, via, input shapes, training), unless told otherwise."""
     rec = plan.solver.params.get("lowering", {})
+    args.training = args.training or bool(rec.get("training"))
     for key in ("elem_size", "via"):
         if getattr(args, key) in (None, "fx") and rec.get(key) is not None:
             setattr(args, key, rec[key])
@@ -80,7 +86,8 @@ def apply_lowering_record(args: argparse.Namespace, plan) -> None:
 
 
 def lowering_record(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    return {"model": model, "input_shape": list(args.input_shape), "elem_size": args.elem_size, "via": args.via}
+    return {"model": model, "input_shape": list(args.input_shape), "elem_size": args.elem_size, "via": args.via,
+            "training": args.training}
 
 
 # --------------------------------------------------------------- reports
