@@ -120,15 +120,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from planner.compile import compile as compile_plan
     from planner.compile import resolve_target
 
+    options = remat_options(args)  # usage errors before the (slow) lowering
     t0 = time.perf_counter()
     lowered = lower(args, args.model)
     graph = lowered.graph
     note(f"lowered {graph.name}: {len(graph.ops)} ops, {len(graph.tensors)} tensors "
          f"({time.perf_counter() - t0:.1f}s)")
-    target = resolve_target(args.target, args.capacity, graph, args.include_weights or None, args.alignment)
+    # a remat budget bounds the peak; the preset's scratchpad applies only when --capacity says so
+    capacity = "none" if options and args.capacity is None else args.capacity
+    target = resolve_target(args.target, capacity, graph, args.include_weights or None, args.alignment)
     note(f"planning with {args.planner} at capacity "
          f"{'unbounded' if target.capacity is None else format_size(target.capacity)}")
-    plan = compile_plan(graph, target, planner=args.planner, time_limit=args.time_limit, progress=note)
+    plan = compile_plan(graph, target, planner=args.planner, time_limit=args.time_limit, progress=note,
+                        **options)
     plan = plan.with_(solver=dataclasses.replace(
         plan.solver, params={**plan.solver.params, "lowering": lowering_record(args, args.model)}))
     if args.output:
@@ -136,6 +140,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
         note(f"wrote {args.output}")
     print_report(plan_report(plan, graph), args.json)
     return 0
+
+
+def remat_options(args: argparse.Namespace) -> dict:
+    """--budget / --objective as planner options; they make the planner remat."""
+    if args.budget is None and args.objective is None:
+        if args.planner == "remat":
+            raise UsageError("--planner remat needs --budget (bytes, a size, or a fraction of the no-remat peak)")
+        return {}
+    if args.planner not in ("auto", "remat"):
+        raise UsageError(f"--budget and --objective belong to the remat planner, not {args.planner!r}")
+    args.planner = "remat"
+    options = {"budget": args.budget}
+    if args.objective:
+        options["objective"] = args.objective
+    return options
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -213,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _target_args(p)
     p.add_argument("--planner", default="auto", help="auto, baseline, schedule, joint, remat, or a pipeline name")
+    p.add_argument("--budget", default=None,
+                   help="remat: peak budget, bytes / a size (6GiB) / a fraction of the no-remat peak (0.8, 80%%); "
+                        "implies --planner remat")
+    p.add_argument("--objective", choices=("recompute", "traffic", "time"), default=None,
+                   help="remat: minimise recompute FLOPs (default), off-chip bytes, or estimated time (both)")
     p.add_argument("--time-limit", type=float, default=60.0, help="solver seconds (default 60)")
     p.add_argument("-o", "--output", help="plan file to write (atomically)")
     p.add_argument("--json", action="store_true", help="report as JSON")
