@@ -130,14 +130,23 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int) -> list[
 
 
 def write(rows: list[dict], command: str) -> None:
+    """Results of this run, merged with the recorded rows of graphs it did not run."""
     from planner.plan import write_atomic
 
     OUT.mkdir(exist_ok=True)
-    write_atomic(OUT / "remat.json", json.dumps(rows, indent=1) + "\n")
+    path = OUT / "remat.json"
+    ran = {r["graph"] for r in rows}
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    old_rows = old["rows"] if isinstance(old, dict) else old
+    commands = [c for c in (old.get("commands", []) if isinstance(old, dict) else []) if c != command]
+    rows = [r for r in old_rows if r["graph"] not in ran] + rows
+    commands.append(command)
+    write_atomic(path, json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     methods = [m for m in ("ours:cpsat", "ours:milp", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
                            "pytorch") if any(r["method"] == m for r in rows)]
     lines = ["# Rematerialisation under peak budgets", "",
-             f"`{command}` (wall seconds on a shared 2-core machine).", "",
+             "Commands: " + ", ".join(f"`{c}`" for c in commands) + " (wall seconds on a shared 2-core machine, "
+             "other work running: see the load note below the table).", "",
              "Each cell: recompute overhead (recompute FLOPs / graph FLOPs, %) of a plan whose checked peak "
              "fits the budget, `-` when the method has none. Ours: status (opt = proven optimal within the "
              "model), gap to the proven bound, seconds to the chosen sequence (placing offsets and checking "
