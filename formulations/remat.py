@@ -39,6 +39,7 @@ from planner.remat_plan import Item
 from planner.target import Target
 
 BACKENDS = ("cpsat", "milp")
+MAX_INTERVALS = 4  # CP-SAT: retention intervals per op tried before an infeasible verdict stands
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,21 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
         left = time_limit - (time.perf_counter() - t0)
         hint = candidates[0][2] if candidates else None
         if backend == "cpsat":
-            res = remat_cpsat.solve(p, cap, time_limit=left, intervals=intervals, hint=hint, presolve=presolve,
-                                    log=log)
+            # infeasible with C intervals per op says nothing about C + 1: widen while time remains
+            for count in range(intervals, MAX_INTERVALS + 1):
+                res = remat_cpsat.solve(p, cap, time_limit=left, intervals=count, hint=hint, presolve=presolve,
+                                        log=log)
+                left = time_limit - (time.perf_counter() - t0)
+                if res.status != "infeasible" or left < 1.0:
+                    break
+            scope = f"with at most {count - 1} recomputes or reloads per op"
         else:
             from formulations import remat_milp
 
             res = remat_milp.solve(p, cap, time_limit=left, hint=hint, log=log)
+            scope = "that keeps the given order"
         if res.status == "infeasible" and not candidates:
-            raise InfeasibleError(f"remat: no plan within a peak of {cap} bytes keeps the given order "
+            raise InfeasibleError(f"remat: no plan {scope} has a peak within {cap} bytes "
                                   f"(the no-remat peak is {ref})")
         bound = res.bound if res.bound < math.inf else 0.0
         if res.sequence is not None and remat_plan.peak(graph, target, res.sequence) <= cap:
