@@ -154,21 +154,25 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
     candidates: list[tuple[float, str, list[Item]]] = []
     if ref <= cap:
         candidates.append((0.0, "program", program))
+        hints_ok = []
     else:
         tries = [("greedy", remat_heuristics.greedy(p, int(cap * (1 - 0.03 * k)))) for k in range(4)]
+        hints_ok: list[tuple[float, list[Item]]] = []  # sequences the solver model can take as a hint
         for name, seq in [*tries, *(("hint", list(h)) for h in hints)]:
-            if seq is None:
+            if seq is None or (cost := sequence_cost(p, seq)) == math.inf:
                 continue
+            if remat_plan.peak(graph, target, seq) <= cap:
+                candidates.append((cost, name, seq))
             if backend == "cpsat":  # CP-SAT times the repeats of a stage in node order
                 seq = remat_cpsat.model_order(p, seq)
-            if remat_plan.peak(graph, target, seq) <= cap:
                 cost = sequence_cost(p, seq)
-                if cost < math.inf:
-                    candidates.append((cost, name, seq))
+            if remat_plan.peak(graph, target, seq) <= cap:
+                hints_ok.append((cost, seq))
+    candidates.sort(key=lambda c: c[0])
     bound = 0.0
     if not candidates or candidates[0][0] > 0:
         left = time_limit - (time.perf_counter() - t0)
-        hint = candidates[0][2] if candidates else None
+        hint = min(hints_ok, key=lambda h: h[0])[1] if hints_ok else None
         if backend == "cpsat":
             # infeasible with C intervals per op says nothing about C + 1: widen while time remains
             for count in range(intervals, MAX_INTERVALS + 1):
