@@ -96,12 +96,24 @@ def best_within(graph: LifetimeGraph, target: Target, budget: int,
     """The candidate with the least recompute FLOPs whose peak is within `budget`."""
     best, best_cost = None, math.inf
     for seq in candidates:
-        if seq is None or remat_plan.peak(graph, target, seq) > budget:
+        if seq is None or remat_plan.peak(graph, target, seq) > budget or recomputes_random(graph, seq):
             continue
         cost = remat_plan.recompute_flops(graph, seq)
         if cost < best_cost:
             best, best_cost = seq, cost
     return best
+
+
+def recomputes_random(graph: LifetimeGraph, sequence: Sequence[Item]) -> bool:
+    """Whether `sequence` runs an op that draws random numbers twice (a fresh dropout mask in the
+    backward pass: wrong gradients; PyTorch's partition does this below budget 1, pytorch#190758)."""
+    seen: set[int] = set()
+    for item in sequence:
+        if isinstance(item, int) and not graph.ops[item].recomputable:
+            if item in seen:
+                return True
+            seen.add(item)
+    return False
 
 
 def chen_greedy(graph: LifetimeGraph, target: Target, budget: int, steps: int = 24) -> list[Item] | None:
