@@ -15,7 +15,7 @@ storage of its root (roots are contiguous), and decides per node:
     the input's layout (`view_strides`, at::detail::computeStride's rule), else
     a copy into a buffer of its own, as core ATen decomposes `reshape` of a
     permuted tensor (clone + _unsafe_view);
-  - Identity and inference-mode Dropout: views.
+  - Identity, inference-mode Dropout and a Cast to the input's own type: views.
 A consumer can need a layout too. ATen's matmul folds an operand with batch
 dimensions into a matrix, or expands both to the broadcast batch shape and
 reshapes them to 3-D; where that reshape cannot be a view it copies (in fx
@@ -183,6 +183,8 @@ def _view_layouts(kept: KeptNode, s: StaticGraph, layout) -> list[Layout] | None
         new = view_strides(lay, outs[0])
         return None if new is None else [new]
     if op == "Identity" or (op == "Dropout" and _inference_dropout(node, s)):
+        return [lay]
+    if op == "Cast" and _attr(node, "to") == s.values[x].elem_type:  # ATen's .to(its own dtype) returns self
         return [lay]
     if op == "Transpose":
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)

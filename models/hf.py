@@ -18,9 +18,10 @@ return the logits; BERT and ViT return (last hidden state, pooled output). Atten
 rather than a fused SDPA kernel, so both frontends see the buffers a planner places.
 
 Nothing is downloaded: configs are built in code, never fetched, and HF_HUB_OFFLINE=1 is set before
-transformers is imported. transformers is imported only when a builder runs (it takes seconds); without
-transformers >= 4.40 the names stay out of models.names() and asking for one raises ModelSpecError naming
-the extra to install.
+transformers is imported. A builder refuses weights over half the machine's memory (Llama-2-7B: 25.1 GiB
+in fp32) unless it runs under torch.device("meta"), where the fx frontend still lowers the model.
+transformers is imported only when a builder runs (it takes seconds); without transformers >= 4.40 the
+names stay out of models.names() and asking for one raises ModelSpecError naming the extra to install.
 """
 
 from __future__ import annotations

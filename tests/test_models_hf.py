@@ -215,3 +215,33 @@ def test_gather_elements_folds_past_64_entries():
     (out0,) = evaluate(helper.make_node("GatherElements", ["data", "index"], ["out"]),
                        {"data": np.array([[1, 2], [3, 4]]), "index": np.array([[1, 0], [0, 0]])}, 17)
     assert out0.tolist() == [[3, 2], [1, 2]]
+
+
+def test_cast_to_its_own_type_is_a_view(tmp_path):
+    """transformers' attention casts its float32 softmax to the query's dtype: on float32 a no-op that
+    torch.export drops and the TorchScript exporter writes as Cast. Lowered as a view, it costs no buffer;
+    a Cast that changes the type stays a copy. Replay equals onnx.reference."""
+    import onnx
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Cast", ["r"], ["same"], to=TensorProto.FLOAT),
+             helper.make_node("Exp", ["same"], ["e"]),
+             helper.make_node("Cast", ["e"], ["half"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "casts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    path = str(tmp_path / "casts.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    lo = lower_onnx(path)
+    g = lo.graph
+    by_name = {t.name: t for t in g.tensors}
+    assert by_name["same"].alias_of == by_name["r"].id
+    assert by_name["half"].alias_of is None and by_name["y"].alias_of is None
+    assert by_name["half"].nbytes == 2 * 6
+    plan = plan_graph(g, Target("cpu64", None, alignment=64), planner="baseline")
+    x = torch.randn(2, 3)
+    (out,) = Executor.from_lowered(lo, plan).run(x)
+    (want,) = ReferenceEvaluator(path).run(None, {"x": x.numpy()})
+    np.testing.assert_array_equal(out.numpy(), want)

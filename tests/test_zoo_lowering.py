@@ -6,11 +6,14 @@ Transpose / Split / Reshape as views exactly where ATen's view and matmul would
 take views (frontends.onnx_layout, compared with torch on random layouts and with
 the fx lowering of the same matmuls); fx graph outputs that reshape a fresh result
 written by its op (no copy). Replays of both lowerings equal eager PyTorch.
-The full-size check of every model is marked slow (pytest -m slow).
+
+Every registry model, at its small size in CI and at full size under `-m slow`, lowers through both
+frontends, and each lowering gets a baseline plan at M_R that the checker accepts.
 """
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +22,21 @@ import torch
 from torch import nn
 
 import models
-from frontends import load_model, with_elem_size
+from frontends import Lowered, load_model, with_elem_size
 from frontends.fx import lower_module
 from frontends.fx_inference import InferenceRewrites
 from frontends.onnx import lower_onnx
 from frontends.onnx_layout import Layout, contiguous, matmul_copies, view_strides
+from planner import bounds
+from planner.check import check
 from planner.compile import compile as plan_graph
+from planner.compile import resolve_target
 from planner.graph import LifetimeGraph
 from planner.runtime.executor import Executor
 from planner.runtime.replay import max_rel_error
 from planner.target import Target
 
 T64 = Target("cpu64", None, alignment=64)
-# small instances checked in CI: every family, the CNNs whose BatchNorm folds, the transformers' views
-SMALL = ["resnet50", "mobilenet_v2", "inception_v3", "vgg16", "unet", "r2plus1d_18", "fcn_resnet50",
-         "bert", "gpt2", "vit_b_16", "transformer", "darts", "randwire_ws"]
 
 
 def activation_bytes(g: LifetimeGraph) -> int:
@@ -42,12 +45,6 @@ def activation_bytes(g: LifetimeGraph) -> int:
 
 def zoo_spec(name: str, params: dict) -> str:
     return f"zoo:{name}:" + ",".join(f"{k}={v}" for k, v in params.items())
-
-
-def ratio(name: str, params: dict) -> tuple[float, int, int]:
-    spec = zoo_spec(name, params)
-    fx, onnx_ = (activation_bytes(load_model(spec, via=via).graph) for via in ("fx", "onnx"))
-    return onnx_ / fx, fx, onnx_
 
 
 # ---- strides as ATen has them ---------------------------------------------------------------
@@ -253,23 +250,98 @@ def test_with_elem_size_equals_lowering_again():
     assert int8.weights is fp32.weights and int8.inputs == fp32.inputs and int8.outputs == fp32.outputs
 
 
-# ---- the acceptance: every model within 5% -----------------------------------------------------
+# ---- the acceptance: every registry model, both frontends, a checked baseline plan -------------------
+# One lowering per model and frontend serves every assertion (a module-scoped fixture: pytest runs the
+# tests of one model together). Full sizes are marked slow: .venv/bin/pytest -m slow tests/test_zoo_lowering.py
 
-@pytest.mark.parametrize("name", SMALL)
-def test_fx_and_onnx_agree_on_activation_bytes_small(name):
-    r, fx, onnx_ = ratio(name, models.spec(name).small)
-    assert abs(r - 1.0) <= 0.05, (name, fx, onnx_, r)
+# models whose ONNX / fx activation bytes differ by more than 5%, and why (models/README.md, "fx and ONNX
+# lowerings"): reported there, not asserted
+AGREEMENT_EXEMPT = {
+    "hf_gpt2": "transformers' gelu_new is Python arithmetic: 8 element-wise ops in fx, one fused Gelu in ONNX",
+    "hf_vit": "under torch.export transformers materialises a bidirectional mask that every layer adds to its "
+              "scores; under the TorchScript trace it skips the mask",
+}
+# full-size fp32 weights above this are not materialised: fx lowers the module built on the meta device
+# (the same graph: tests/test_models_hf.py) and the TorchScript ONNX exporter, which runs it, is skipped
+WEIGHT_LIMIT = 4 << 30
+
+
+@dataclass(frozen=True)
+class BothLowerings:
+    name: str
+    fx: Lowered
+    onnx: Lowered | None  # None where the weights are over WEIGHT_LIMIT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # small graphs on a shared 2-core machine: thread start-up and contention cost more than they give
+    # (module scope: set before the module-scoped lowerings)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lower_both(name: str, params: dict) -> BothLowerings:
+    with torch.device("meta"):
+        module, _ = models.build(name, **params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    if weight_bytes <= WEIGHT_LIMIT:
+        spec = zoo_spec(name, params)
+        return BothLowerings(name, load_model(spec, via="fx"), load_model(spec, via="onnx"))
+    with torch.device("meta"):
+        module, inputs = models.build(name, **params)
+    return BothLowerings(name, lower_module(module, inputs, name=zoo_spec(name, params)), None)
+
+
+def interface(lo: Lowered) -> list[tuple]:
+    g = lo.graph
+    return [(g.tensors[t].shape, g.tensors[t].dtype) for t in (*lo.inputs, *lo.outputs)]
+
+
+def assert_checked_baseline_plan_at_m_r(lo: Lowered) -> None:
+    """The baseline pipelines plan the graph at M_R, the least capacity any plan can use; the checker,
+    run again here, confirms the plan, which then fills exactly M_R at its peak."""
+    target = resolve_target("npu", "M_R", lo.graph)
+    plan = plan_graph(lo, target, planner="baseline")
+    again = check(lo.graph, plan, target)
+    assert again.metrics == plan.metrics
+    assert plan.metrics["peak_bytes"] == target.capacity == bounds.m_r(lo.graph, target.include_weights,
+                                                                      target.alignment)
+    assert plan.metrics["arena_bytes"] <= target.capacity
+
+
+def assert_frontends_agree(both: BothLowerings) -> None:
+    assert interface(both.fx) == interface(both.onnx)  # same inputs and outputs: shapes and dtypes
+    if both.name not in AGREEMENT_EXEMPT:
+        fx, onnx_ = activation_bytes(both.fx.graph), activation_bytes(both.onnx.graph)
+        assert abs(onnx_ / fx - 1.0) <= 0.05, (both.name, fx, onnx_)
+
+
+@pytest.fixture(scope="module", params=models.names())
+def small(request) -> BothLowerings:
+    return lower_both(request.param, models.spec(request.param).small)
+
+
+def test_small_fx_lowering_gets_a_checked_baseline_plan(small):
+    assert_checked_baseline_plan_at_m_r(small.fx)
+
+
+def test_small_onnx_lowering_gets_a_checked_baseline_plan(small):
+    assert_checked_baseline_plan_at_m_r(small.onnx)
+
+
+def test_small_frontends_agree(small):
+    assert_frontends_agree(small)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in models.names() if models.spec(n).family != "hf"])
-def test_fx_and_onnx_agree_on_activation_bytes_full_size(name):
-    r, fx, onnx_ = ratio(name, {"batch": 1})
-    assert abs(r - 1.0) <= 0.05, (name, fx, onnx_, r)
-
-
-def test_every_small_model_is_checked_or_covered():
-    """The CI list spans every family of the registry (the slow test covers each model at full size)."""
-    families = {models.spec(n).family for n in models.names()} - {"hf"}
-    assert families <= {models.spec(n).family for n in SMALL}
-    assert not set(SMALL) - set(models.names())
+@pytest.mark.parametrize("name", models.names())
+def test_full_size_lowers_through_both_frontends_and_plans(name):
+    both = lower_both(name, {})
+    assert_checked_baseline_plan_at_m_r(both.fx)
+    if both.onnx is None:
+        pytest.skip(f"{name}: full-size fp32 weights over {WEIGHT_LIMIT >> 30} GiB; fx lowered on the meta device")
+    assert_checked_baseline_plan_at_m_r(both.onnx)
+    assert_frontends_agree(both)
