@@ -24,6 +24,7 @@ Every plan is checked before it is returned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -152,12 +153,11 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
     p = build_problem(graph, target, objective)
     program = list(range(len(graph.ops)))
     candidates: list[tuple[float, str, list[Item]]] = []
+    hints_ok: list[tuple[float, list[Item]]] = []  # sequences the solver model can take as a hint
     if ref <= cap:
         candidates.append((0.0, "program", program))
-        hints_ok = []
     else:
         tries = [("greedy", remat_heuristics.greedy(p, int(cap * (1 - 0.03 * k)))) for k in range(4)]
-        hints_ok: list[tuple[float, list[Item]]] = []  # sequences the solver model can take as a hint
         for name, seq in [*tries, *(("hint", list(h)) for h in hints)]:
             if seq is None or (cost := sequence_cost(p, seq)) == math.inf:
                 continue
@@ -211,8 +211,7 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
     except remat_plan.PlacementError as e:
         return max(e.arena - cap, target.alignment), bound
     gap = 0.0 if cost <= 0 else max(0.0, (cost - min(bound, cost)) / cost)
-    plan = plan.with_(solver=SolverRecord(**{**{k: getattr(record, k) for k in SolverRecord.__slots__},
-                                              "gap": gap, "seconds": time.perf_counter() - t0}))
+    plan = plan.with_(solver=dataclasses.replace(record, gap=gap, seconds=time.perf_counter() - t0))
     return RematResult(plan, seq, cost, min(bound, cost), status, cap, ref, time.perf_counter() - t0, solved,
                        found_by)
 
