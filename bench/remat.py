@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 TRAINING = {"vgg16": {"batch": 1}, "resnet50": {"batch": 1}, "mobilenet_v2": {"batch": 1},
-            "unet": {"batch": 1}, "gpt2": {"batch": 1, "seq": 256, "layers": 12}}
+            "unet": {"batch": 1}, "gpt2": {"batch": 4, "seq": 1024, "layers": 12}}
 RANDOM = {"rl100": 100, "rl250": 250, "rl500": 500, "rl1000": 1000}
 BUDGETS = (0.9, 0.8, 0.6, 0.4)
 OUT = Path(__file__).resolve().parent / "results"
@@ -145,8 +145,8 @@ def write(rows: list[dict], command: str) -> None:
     methods = [m for m in ("ours:cpsat", "ours:milp", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
                            "pytorch") if any(r["method"] == m for r in rows)]
     lines = ["# Rematerialisation under peak budgets", "",
-             "Commands: " + ", ".join(f"`{c}`" for c in commands) + " (wall seconds on a shared 2-core machine, "
-             "other work running: see the load note below the table).", "",
+             "Commands: " + ", ".join(f"`{c}`" for c in commands) + " (wall seconds on a shared 2-core "
+             "machine while other work ran on it).", "",
              "Each cell: recompute overhead (recompute FLOPs / graph FLOPs, %) of a plan whose checked peak "
              "fits the budget, `-` when the method has none. Ours: status (opt = proven optimal within the "
              "model), gap to the proven bound, seconds to the chosen sequence (placing offsets and checking "
