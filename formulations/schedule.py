@@ -27,7 +27,7 @@ part; all returned orders are re-checked by bounds.max_live. Methods (`solve(met
             optimum bounds the real one from below and its order is a candidate), then dp.
             Segment by segment, the state cap and the clock decide how far it gets: narrow
             segments are settled exactly, wide ones keep the best heuristic order with a gap.
-Lower bound: max over segments of a min-cut bound (schedule_dp.cut_lower_bound) and M_R,
+Lower bound: max over segments of a min-cut bound (schedule_bounds.cut_lower_bound) and M_R,
 raised by every segment an exact method settles. gap = (peak - bound) / peak.
 
 Size: exact search is exponential in the width of a segment (number of down-sets);
@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from formulations.schedule_bounds import cut_lower_bound
 from formulations.schedule_dp import INF, Problem, bits, descend, search
 from formulations.schedule_heuristics import hierarchical, neutral_units, normalize
 from planner import baselines, bounds
@@ -138,7 +139,7 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
         floor = max(s.bound for s in segs)
         for s in segs:
             if not s.proven and s.peak > floor:
-                s.bound = max(s.bound, prob.cut_lower_bound(s.ops, s.start))
+                s.bound = max(s.bound, cut_lower_bound(prob, s.ops, s.start))
         log.append(Attempt("cut_bound", None, max(s.bound for s in segs), "optimal", time.perf_counter() - t1))
         note("hierarchical heuristic")
         t1 = time.perf_counter()
@@ -213,7 +214,7 @@ def _relaxed(graph: LifetimeGraph, prob: Problem, segs: list[Segment], opts: Opt
     rsegs = split_segments(relaxed)
     _adopt(relaxed, rsegs, normalize(relaxed, [o for s in segs for o in s.order]), "best")
     for s in rsegs:
-        s.bound = s.peak if len(s.ops) == 1 else relaxed.cut_lower_bound(s.ops, s.start)
+        s.bound = s.peak if len(s.ops) == 1 else cut_lower_bound(relaxed, s.ops, s.start)
     bound, complete = max(s.bound for s in rsegs), True  # relaxed optimum >= bound; real optimum >= relaxed
     for s in sorted(rsegs, key=lambda s: -s.peak):
         if s.peak <= bound or len(s.ops) == 1:

@@ -129,7 +129,9 @@ def parallel_blocks(prob: Problem, units: list[tuple[int, ...]], start: int, *, 
             return units
         inner = min(regions, key=len)
         body = [units[u] for u in inner]
-        own = sum(1 << o for u in body for x in u for o in (x, *prob.pending[x]))
+        own = 0  # a lazy op pending for several ops (sigmoid(w) of a weighted sum) counts once
+        for o in {o for u in body for x in u for o in (x, *prob.pending[x])}:
+            own |= 1 << o
         context = start
         for u in body:  # the region runs as early as it can: after its ancestors only
             for x in u:
