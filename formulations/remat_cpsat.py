@@ -175,6 +175,7 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
 
     # dependencies: every computing interval of v is covered by an interval of each producer
     n_bools = 0
+    cover: dict[tuple[int, int, int, int], object] = {}  # (v, i, u, j) -> interval j of u covers i of v
     for v in range(n):
         for i in range(len(start[v])):
             need = computes(v, i)
@@ -186,6 +187,7 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
                     if i == 0 and j > 0 and _tau(u + 1, u, n) > _tau(v, v, n):
                         continue  # a repeat of u starts after v's first compute
                     b = m.new_bool_var(f"cover_{v}_{i}_{u}_{j}")
+                    cover[(v, i, u, j)] = b
                     n_bools += 1
                     if j > 0:
                         m.add_implication(b, active[u][j])
@@ -242,7 +244,7 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
     m.minimize(sum(objective))
 
     if events is not None:
-        _add_hint(m, p, events, stage_var, active, reload, end, start, users, n)
+        _add_hint(m, p, events, stage_var, active, reload, end, start, cover, n)
         for s, evs in src_events.items():
             for j, (lo, hi) in enumerate(evs[: len(src_start.get(s, ()))]):
                 m.add_hint(src_start[s][j], lo)
@@ -318,16 +320,23 @@ def _source_events(p: RematProblem, hint: Sequence[Item], n: int) -> dict[int, l
     return {s: [tuple(x) for x in evs] for s, evs in out.items()}
 
 
-def _add_hint(m, p: RematProblem, events, stage_var, active, reload, end, start, users, n: int) -> None:
-    """Hint every decision variable with the hint sequence's intervals (ends: last covered read)."""
+def _add_hint(m, p: RematProblem, events, stage_var, active, reload, end, start, cover, n: int) -> None:
+    """Hint every decision variable with the hint sequence's intervals (ends: last covered read),
+    the cover booleans included, so that a complete hint is a feasible solution as it stands."""
     times = {v: [_tau(s, v, n) for s, _ in events[v]] for v in range(n)}
     last = {v: list(ts) for v, ts in times.items()}
+    chosen: set[tuple[int, int, int, int]] = set()
     for v in range(n):
-        for t in times[v][: len(start[v])]:
+        for i, t in enumerate(times[v][: len(start[v])]):
+            if i > 0 and events[v][i][1]:
+                continue  # a reload reads nothing
             for u in p.deps[v]:
                 us = times[u][: len(start[u])]
                 j = max((k for k, s in enumerate(us) if s < t), default=0)
                 last[u][j] = max(last[u][j], t)
+                chosen.add((v, i, u, j))
+    for key, b in cover.items():
+        m.add_hint(b, key in chosen)
     for v in range(n):
         ts = times[v][: len(start[v])]
         for i in range(len(start[v])):
