@@ -14,6 +14,11 @@ Backends:
          any `hints` (sequences of other methods); scales to graphs of hundreds of nodes
   milp   Checkmate's MILP (Jain et al., MLSys 2020) through PuLP/CBC (remat_milp.py): O(n^2)
          variables, for comparison on small graphs
+Heuristics first: the eviction greedy (remat_heuristics.py) and a portfolio of the
+live-range-splitting greedy (remat_split.py: the retention intervals built directly, seconds
+on 1000 nodes); the cheapest sequence that fits is the answer unless the solver improves on it,
+and the solver is hinted with it (every variable). Bounds: the solver's, and the per-stage
+knapsack and gap-LP bounds of remat_bounds.py (CP-SAT's own bound is ~0 past a few hundred nodes).
 Both keep the given order of first computes; "optimal" means optimal within that model.
 The budget bounds the plan's peak (the checker's `peak_bytes`, what Checkmate and Moccasin
 bound); offsets then minimise the arena (planner.remat_plan). A target with a capacity is a hard
@@ -30,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from formulations import remat_cpsat, remat_heuristics, remat_split
+from formulations import remat_bounds, remat_cpsat, remat_heuristics, remat_split
 from formulations.remat_problem import OBJECTIVES, RematProblem, build_problem
 from planner import remat_plan
 from planner.bounds import InfeasibleError
@@ -197,7 +202,19 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
             if remat_plan.peak(graph, target, seq) <= cap:
                 hints_ok.append((cost, seq))
     candidates.sort(key=lambda c: c[0])
-    bound = 0.0
+    stage_bound = remat_bounds.stage_lower_bound(p, cap)
+    if stage_bound == math.inf and not candidates:
+        raise InfeasibleError(f"remat: no plan that keeps the given order has a peak within {cap} bytes: "
+                              "at some stage what must stay resident already exceeds it")
+    lp_bound = remat_bounds.gap_lp_bound(p, cap, time_limit=min(10.0, time_limit / 6)) if stage_bound > 0 else None
+    if lp_bound == math.inf and not candidates:
+        raise InfeasibleError(f"remat: no plan that keeps the given order has a peak within {cap} bytes: "
+                              "at some stage what must stay resident already exceeds it")
+    if math.inf in (stage_bound, lp_bound):
+        stage_bound = 0.0  # a checked sequence fits, so the bounds' count disagrees: claim nothing
+    else:
+        stage_bound = max(stage_bound, lp_bound or 0.0)
+    bound = stage_bound
     if not candidates or candidates[0][0] > 0:
         left = time_limit - (time.perf_counter() - t0)
         hint = min(hints_ok, key=lambda h: h[0])[1] if hints_ok else None
@@ -218,7 +235,7 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
         if res.status == "infeasible" and not candidates:
             raise InfeasibleError(f"remat: no plan {scope} has a peak within {cap} bytes "
                                   f"(the no-remat peak is {ref})")
-        bound = res.bound if res.bound < math.inf else 0.0
+        bound = max(stage_bound, res.bound if res.bound < math.inf else 0.0)
         if res.sequence is not None and remat_plan.peak(graph, target, res.sequence) <= cap:
             candidates.append((sequence_cost(p, res.sequence), backend, res.sequence))
             candidates.sort(key=lambda c: c[0])
