@@ -255,16 +255,18 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
     usucc: list[set[int]] = [set() for _ in range(m)]
     commit = [prob.monotone] * m
     for u, ops in enumerate(units):
-        below = 0
+        below = above = 0
         for op in ops:
             below |= prob.desc[op] | (1 << op)
+            above |= prob.anc[op]
             for p in bits(prob.eff_pred[op]):
                 v = unit_of.get(p)
                 if v is not None and v != u:
                     upred[u] |= 1 << v
                     usucc[v].add(u)
-        # lazy ops run with u only if every owner runs with or after u
-        commit[u] = commit[u] and all(not prob.owners[p] & ~below for op in ops for p in prob.pending[op])
+        # lazy ops run with u only if every owner runs with or after u; one owned by an ancestor already ran
+        commit[u] = commit[u] and all(not prob.owners[p] & ~below or prob.owners[p] & above
+                                      for op in ops for p in prob.pending[op])
     step, pending = prob.step, prob.pending
     # a unit's steps depend on `done` only through the readers of what it touches: memoise on that
     context = [prob.context_mask(ops) for ops in units]

@@ -361,3 +361,26 @@ def test_descend_proves_or_brackets_the_optimum():
         order, got, bound, status = descend(prob, units, 0, start_order, peak, bound=0, state_cap=3,
                                             deadline=1e18)
         assert bound <= best <= got == max(prob.profile(order)) <= peak
+
+
+def test_probes_at_the_optimum_with_shared_lazy_ops():
+    """Probes just under and at the optimum (floor budget - 1: the commit rule prunes the most) on
+    weighted sums, where one lazy sigmoid(w) is owned by a chain of adds (an owner that is an
+    ancestor of the unit has already run it, so the unit may still be committed)."""
+    from formulations.schedule_heuristics import neutral_units
+
+    committed = 0
+    for seed in range(40):
+        g = weighted_sum_graph(seed, 6)
+        prob = Problem(g)
+        best = exact_reference(g)
+        for units in ([(o,) for o in range(prob.n) if not prob.lazy[o]],
+                      neutral_units(prob, [o for o in range(prob.n) if not prob.lazy[o]])):
+            below = search(prob, units, budget=best, floor=best - 1)
+            at = search(prob, units, budget=best + 1, floor=best)
+            assert below.status == "no_better" and at.status == "optimal", g.name
+            assert at.peak == best == max(prob.profile(at.order)), g.name
+            bounds.check_order(g, at.order)
+        shared = [p for o in range(prob.n) for p in prob.pending[o] if prob.owners[p].bit_count() > 1]
+        committed += bool(shared)
+    assert committed >= 20  # the rule is exercised: sigmoids owned by several adds
