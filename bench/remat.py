@@ -5,13 +5,16 @@ MobileNetV2, U-Net and a GPT-2-style stack, and random layered graphs (models.la
 250, 500 and 1000 nodes. Budgets: 90, 80, 60 and 40% of the reference peak (the program order
 keeping everything, planner.remat_plan's count: node outputs and held inputs, no in-place
 reuse), and `min`: the least peak any baseline reached (the lowest budget where users get a plan
-today) and half of it.
-Methods: ours (formulations.remat, CP-SAT, hinted with every baseline's sequence), the greedy
-alone, Checkmate's MILP (CBC; graphs of at most --milp-nodes nodes), checkpoint-all, Chen's
-sqrt(n) and greedy checkpointing, and PyTorch's min-cut partition swept over its
-activation_memory_budget (training graphs only). A baseline "has a plan" at a budget when its
-checked peak fits; its overhead is its recompute FLOPs over the graph's FLOPs.
-Writes bench/results/remat.{md,json}; progress on stderr. Timings are wall seconds here.
+today) and half of it; on graphs no baseline applies to (random layered), `min` is the least budget
+where the split greedy finds a plan (a bisection, formulations.remat.least_heuristic_budget).
+Methods: ours (formulations.remat, CP-SAT, hinted with every baseline's sequence), the eviction
+greedy and the live-range-splitting greedy (best of its portfolio) alone, Checkmate's MILP (CBC;
+graphs of at most --milp-nodes nodes), checkpoint-all, Chen's sqrt(n) and greedy checkpointing,
+and PyTorch's min-cut partition swept over its activation_memory_budget (training graphs only).
+A baseline "has a plan" at a budget when its checked peak fits; its overhead is its recompute
+FLOPs over the graph's FLOPs.
+Writes bench/results/remat.{md,json}; progress on stderr. Timings are wall seconds here, with the
+1-minute load average when the solve ended (the machine is shared).
 
     .venv/bin/python -m bench.remat                                  # everything, 60 s per solve
     .venv/bin/python -m bench.remat --graphs rl100,resnet50 --budgets 0.9,0.8 --time-limit 30
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,13 +55,18 @@ def load(name: str):
 
 
 def baselines(graph, target, partition, budget: int) -> dict[str, list | None]:
+    from formulations.remat import split_portfolio
     from formulations.remat_heuristics import greedy
     from formulations.remat_problem import build_problem
     from planner import baselines_remat as br
+    from planner import remat_plan
 
+    p = build_problem(graph, target)
+    splits = [s for s in split_portfolio(p, budget) if remat_plan.peak(graph, target, s) <= budget]
     seqs = {"checkpoint_all": br.checkpoint_all(graph), "chen_sqrt": br.chen_sqrt(graph, target),
             "chen_greedy": br.chen_greedy(graph, target, budget),
-            "greedy": greedy(build_problem(graph, target), budget)}
+            "greedy": greedy(p, budget),
+            "split": min(splits, key=lambda s: remat_plan.recompute_flops(graph, s)) if splits else None}
     if partition is not None:
         seqs["pytorch"] = br.pytorch_minimal(partition, graph, target, budget)
     return seqs
@@ -75,7 +84,7 @@ def row_for(graph, target, method: str, seq, budget: int, seconds: float, extra=
             "recompute_flops": flops, "seconds": round(seconds, 2), **(extra or {})}
 
 
-def run_graph(name: str, fractions, time_limit: float, milp_nodes: int) -> list[dict]:
+def run_graph(name: str, fractions, time_limit: float, milp_nodes: int, with_min: bool = True) -> list[dict]:
     from formulations import remat
     from planner import baselines_remat as br
     from planner import remat_plan
@@ -96,6 +105,8 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int) -> list[
     budgets = [(f"{int(f * 100)}%", int(f * ref)) for f in fractions]
     if lows:
         budgets += [("min", min(lows)), ("min/2", max(least, min(lows) // 2))]
+    elif with_min:  # no baseline applies (no forward pass): the least budget the split greedy reaches
+        budgets.append(("min", remat.least_heuristic_budget(graph, target)))
     rows = []
     for label, budget in budgets:
         base = {"graph": name, "ops": len(graph.ops), "budget": label, "budget_bytes": budget,
@@ -108,7 +119,7 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int) -> list[
         tb = time.perf_counter() - tb
         for method, seq in seqs.items():
             rows.append({**base, **row_for(graph, target, method, seq, budget, tb / len(seqs))})
-        hints = [s for m, s in seqs.items() if s is not None and m != "greedy"]
+        hints = [s for m, s in seqs.items() if s is not None and m not in ("greedy", "split")]  # solve runs both
         backends = ["cpsat"] + (["milp"] if len(graph.ops) <= milp_nodes else [])
         for backend in backends:
             ts = time.perf_counter()
@@ -119,6 +130,7 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int) -> list[
                                                time.perf_counter() - ts,
                                                {"status": res.status, "gap": res.gap, "found_by": res.found_by,
                                                 "solve_seconds": round(res.solve_seconds, 2),
+                                                "load": round(os.getloadavg()[0], 1),
                                                 "arena": res.plan.metrics["arena_bytes"]})})
             except InfeasibleError as e:
                 rows.append({**base, "method": f"ours:{backend}", "plan": False,
@@ -142,7 +154,7 @@ def write(rows: list[dict], command: str) -> None:
     rows = [r for r in old_rows if r["graph"] not in ran] + rows
     commands.append(command)
     write_atomic(path, json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
-    methods = [m for m in ("ours:cpsat", "ours:milp", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
+    methods = [m for m in ("ours:cpsat", "ours:milp", "split", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
                            "pytorch") if any(r["method"] == m for r in rows)]
     lines = ["# Rematerialisation under peak budgets", "",
              "Commands: " + ", ".join(f"`{c}`" for c in commands) + " (wall seconds on a shared 2-core "
@@ -163,8 +175,9 @@ def write(rows: list[dict], command: str) -> None:
             if r is None or not r.get("plan"):
                 cells.append("-")
             elif m.startswith("ours"):
+                load = f", load {r['load']}" if "load" in r else ""
                 cells.append(f"{100 * r['overhead']:.2f} ({r['status'][:3]}, gap {100 * r['gap']:.1f}%, "
-                             f"{r['solve_seconds']:.1f} s)")
+                             f"{r['solve_seconds']:.1f} s{load})")
             else:
                 cells.append(f"{100 * r['overhead']:.2f}")
         lines.append(f"| {graph} | {first['ops']} | {budget} | {first['budget_bytes'] / 2**20:.1f} | "
@@ -177,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", default=",".join([*RANDOM, *TRAINING]))
     ap.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--no-min", action="store_true", help="skip the `min` budget rows")
     ap.add_argument("--milp-nodes", type=int, default=0,
                     help="run Checkmate's MILP on graphs of at most this many ops (CBC overran its time limit "
                          "by minutes on a 100-node graph, so it is off by default)")
@@ -185,7 +199,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     command = "python -m bench.remat " + " ".join(argv if argv is not None else sys.argv[1:])
     for name in [g for g in args.graphs.split(",") if g]:
-        rows += run_graph(name, fractions, args.time_limit, args.milp_nodes)
+        rows += run_graph(name, fractions, args.time_limit, args.milp_nodes, not args.no_min)
         write(rows, command.strip())
     return 0
 
