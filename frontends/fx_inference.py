@@ -24,23 +24,41 @@ low-memory max-pool) remove both; so do these rewrites, in this order:
     becomes max_pool{2,3}d (same arguments, values only; the replay writes them
     with the *_with_indices.out kernel and a transient indices workspace, since
     ATen has no values-only kernel on CUDA).
-Training graphs never get the last two: `lower_module` refuses them for a module
+  - fuse_gelu: GELU spelled out in element-wise arithmetic (transformers' gelu_new:
+    8 ops, each a buffer of x's size) becomes one aten.gelu (frontends.fx_fuse);
+  - drop_zero_adds: add / sub of a value that is all zeros, computed from no
+    input and no weight (factories such as arange and full, and ops on them; a
+    parameter that happens to be zero is not constant), is the other operand:
+    readers read it directly when the sum has its shape, dtype, strides and
+    storage offset (-0.0 + 0.0 is +0.0: equal values, not always equal bits).
+    The constant is evaluated on the CPU (values of up to `_MAX_FOLD_ELEMENTS`
+    elements), only to be tested; input-independent values that stay are still
+    computed at run time, as eager PyTorch does. Under torch.export, transformers'
+    ViT gets an all-zero additive attention mask that every layer adds to its scores.
+Training graphs never get the BatchNorm and max-pool rewrites: `lower_module` refuses them for a module
 in training mode (its BatchNorm is another op, and its forward graph returns the
 pooling indices for the backward); CSE and dropping clones are valid on any
-functional graph. Each
+functional graph, and so are the last two (GELU fuses only where nothing else
+reads its intermediates, which a training graph's backward does). Each
 rewrite is one switch of `InferenceRewrites`; `rewrite` mutates the fx graph in
 place and returns the new weights by placeholder name.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from frontends.fx_fuse import fuse_gelu
+
 _CONV = "aten.convolution.default"
 _BN = "aten._native_batch_norm_legit_no_training.default"
+_ZERO_ADDS = {"aten.add.Tensor": True, "aten.sub.Tensor": False}  # op -> commutative
+_UNINITIALISED = ("aten::empty", "aten::new_empty")  # factories whose values are whatever memory held
+_MAX_FOLD_ELEMENTS = 1 << 24  # larger constants are not evaluated (64 MiB of float32)
 _POOLS = {"aten.max_pool2d_with_indices.default": "max_pool2d",
           "aten.max_pool3d_with_indices.default": "max_pool3d"}
 
@@ -51,13 +69,16 @@ class InferenceRewrites:
     drop_clones: bool = True  # clones of contiguous values (eval Dropout) read the value itself
     fold_batchnorm: bool = True  # BatchNorm after a convolution folded into its weights
     drop_pool_indices: bool = True  # max-pool indices nobody reads are not computed
+    fuse_gelu: bool = True  # GELU written as arithmetic (8 element-wise ops) is one aten.gelu
+    drop_zero_adds: bool = True  # x + (a constant that is all zeros) is x
 
     @classmethod
     def none(cls) -> InferenceRewrites:
-        return cls(cse=False, drop_clones=False, fold_batchnorm=False, drop_pool_indices=False)
+        return cls(cse=False, drop_clones=False, fold_batchnorm=False, drop_pool_indices=False,
+                   fuse_gelu=False, drop_zero_adds=False)
 
     def any(self) -> bool:
-        return self.cse or self.drop_clones or self.inference_only()
+        return self.cse or self.drop_clones or self.fuse_gelu or self.drop_zero_adds or self.inference_only()
 
     def inference_only(self) -> bool:
         """Whether a rewrite that is wrong for training graphs is on."""
@@ -85,6 +106,10 @@ def rewrite(graph, constant_of: ConstantOf, passes: InferenceRewrites) -> dict[s
         new.update(_fold_batchnorm(graph, constant_of))
     if passes.drop_pool_indices:
         _drop_pool_indices(graph)
+    if passes.drop_zero_adds:
+        _drop_zero_adds(graph)
+    if passes.fuse_gelu:
+        fuse_gelu(graph)
     return new
 
 
@@ -227,3 +252,116 @@ def _drop_pool_indices(graph) -> None:
         node.target = getattr(torch.ops.aten, _POOLS[_target(node)]).default
         node.meta["val"] = node.meta["val"][0]
         _replace_by(node, node, graph)
+
+
+def _drop_zero_adds(graph) -> None:
+    import torch
+
+    constant = _input_independent(graph)
+    values: dict = {}
+    for node in [n for n in graph.nodes if _target(n) in _ZERO_ADDS]:
+        a, b = node.args[:2]
+        alpha = node.kwargs.get("alpha", 1)
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            continue
+        pairs = [(a, b), (b, a)] if _ZERO_ADDS[_target(node)] else [(a, b)]
+        for kept, zero in pairs:  # (the operand that stays, the one that may be all zeros)
+            if not isinstance(kept, torch.fx.Node) or not _same_layout(node, kept) \
+                    or any(u.op == "output" for u in node.users):
+                continue
+            if isinstance(zero, torch.fx.Node):
+                value = _evaluate(zero, constant, values) if zero in constant else None
+                if value is None or value.is_complex() or not bool((value == 0).all()):
+                    continue
+            elif not (isinstance(zero, (int, float)) and zero == 0):
+                continue
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+            if isinstance(zero, torch.fx.Node):
+                _erase_unread(zero, graph, constant)
+            break
+
+
+def _same_layout(node, other) -> bool:
+    """Whether other's value can stand for node's: same shape, dtype, device, strides and storage offset."""
+    v, w = node.meta.get("val"), other.meta.get("val")
+    return hasattr(v, "stride") and hasattr(w, "stride") and v.shape == w.shape and v.dtype == w.dtype \
+        and v.device == w.device and v.stride() == w.stride() and v.storage_offset() == w.storage_offset()
+
+
+def _input_independent(graph) -> set:
+    """Nodes whose value depends on no placeholder (no input, no weight) and on no random op."""
+    import torch
+
+    constant: set = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            pure = True
+        elif isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            pure = not schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags \
+                and not schema.name.startswith(_UNINITIALISED)
+        else:
+            pure = False
+        if pure and all(a in constant for a in node.all_input_nodes):
+            constant.add(node)
+    return constant
+
+
+def _evaluate(node, constant: set, values: dict):
+    """The value of an input-independent node, computed on the CPU (memoised in `values`); None when a
+    value on the way is too large or its op fails."""
+    import torch
+
+    needed, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n in values or n in needed:
+            continue
+        needed.append(n)
+        stack.extend(n.all_input_nodes)
+    position = {n: i for i, n in enumerate(node.graph.nodes)}
+    cpu = torch.device("cpu")
+
+    def value_of(v):
+        if isinstance(v, torch.fx.Node):
+            return values[v]
+        return cpu if isinstance(v, torch.device) else v
+    for n in sorted(needed, key=position.__getitem__):
+        if n not in constant:
+            return None
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.numel() > _MAX_FOLD_ELEMENTS:
+            values[n] = None
+        if values.get(n, 0) is None or any(values.get(a, 0) is None for a in n.all_input_nodes):
+            values[n] = None
+            continue
+        args = torch.utils._pytree.tree_map(value_of, n.args)
+        kwargs = torch.utils._pytree.tree_map(value_of, dict(n.kwargs))
+        try:
+            values[n] = n.target(*args, **kwargs)
+        except Exception:  # an op that does not run here (a device-only kernel): the value stays unknown
+            values[n] = None
+    return values[node]
+
+
+def _erase_unread(node, graph, constant: set) -> None:
+    """Erase node and the input-independent nodes only it read, once nothing reads them (run-time
+    assertions on them, nodes of no value and no reader, go with them)."""
+    erased: set = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in erased or n not in constant:
+            continue
+        asserts = [u for u in n.users if u in constant and not u.users and u.meta.get("val") is None]
+        if len(asserts) != len(n.users):
+            continue
+        for u in asserts:
+            graph.erase_node(u)
+            erased.add(u)
+        stack.extend(n.all_input_nodes)
+        graph.erase_node(n)
+        erased.add(n)

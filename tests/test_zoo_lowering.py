@@ -1,7 +1,8 @@
 """fx and ONNX lowerings of the registry models agree on total activation bytes (within 5%).
 
-What makes them agree, each checked against PyTorch itself: BatchNorm folded and
-max-pool indices dropped in fx eval graphs (frontends.fx_inference); ONNX
+What makes them agree, each checked against PyTorch itself: BatchNorm folded,
+max-pool indices dropped, GELU written as arithmetic fused into aten.gelu and adds of
+an all-zero constant mask dropped in fx eval graphs (frontends.fx_inference, fx_fuse); ONNX
 Transpose / Split / Reshape as views exactly where ATen's view and matmul would
 take views (frontends.onnx_layout, compared with torch on random layouts and with
 the fx lowering of the same matmuls); fx graph outputs that reshape a fresh result
@@ -254,13 +255,6 @@ def test_with_elem_size_equals_lowering_again():
 # One lowering per model and frontend serves every assertion (a module-scoped fixture: pytest runs the
 # tests of one model together). Full sizes are marked slow: .venv/bin/pytest -m slow tests/test_zoo_lowering.py
 
-# models whose ONNX / fx activation bytes differ by more than 5%, and why (models/README.md, "fx and ONNX
-# lowerings"): reported there, not asserted
-AGREEMENT_EXEMPT = {
-    "hf_gpt2": "transformers' gelu_new is Python arithmetic: 8 element-wise ops in fx, one fused Gelu in ONNX",
-    "hf_vit": "under torch.export transformers materialises a bidirectional mask that every layer adds to its "
-              "scores; under the TorchScript trace it skips the mask",
-}
 # full-size fp32 weights above this are not materialised: fx lowers the module built on the meta device
 # (the same graph: tests/test_models_hf.py) and the TorchScript ONNX exporter, which runs it, is skipped
 WEIGHT_LIMIT = 4 << 30
@@ -314,9 +308,8 @@ def assert_checked_baseline_plan_at_m_r(lo: Lowered) -> None:
 
 def assert_frontends_agree(both: BothLowerings) -> None:
     assert interface(both.fx) == interface(both.onnx)  # same inputs and outputs: shapes and dtypes
-    if both.name not in AGREEMENT_EXEMPT:
-        fx, onnx_ = activation_bytes(both.fx.graph), activation_bytes(both.onnx.graph)
-        assert abs(onnx_ / fx - 1.0) <= 0.05, (both.name, fx, onnx_)
+    fx, onnx_ = activation_bytes(both.fx.graph), activation_bytes(both.onnx.graph)
+    assert abs(onnx_ / fx - 1.0) <= 0.05, (both.name, fx, onnx_)
 
 
 @pytest.fixture(scope="module", params=models.names())
