@@ -119,20 +119,22 @@ def lower_graph_module(gm, example_inputs: Sequence[Any], *, name: str | None = 
                          if isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None)}
     weight_inputs = set(weight_inputs)
     try:
-        ep = _decompose(torch.export.export(gm, tuple(example_inputs))) if trace else _as_program(gm.graph)
+        ep = _decompose(torch.export.export(gm, tuple(example_inputs))) if trace else _as_program(gm)
     except Exception as e:
         raise FrontendError(f"{gname}: {'torch.export' if trace else 'lowering'} failed: {_first_line(e)}") from e
     return _lower_exported(ep, gname, elem_size, tuple(example_inputs), weight_inputs,
                            rewrites or InferenceRewrites.none())
 
 
-def _as_program(graph):
+def _as_program(gm):
     """The parts of an ExportedProgram that _Lowering reads, for a graph taken as it is: every
-    placeholder a user input, every return a user output."""
+    placeholder a user input, every return a user output; tensor attributes (get_attr: constants
+    AOTAutograd lifted out of the trace, e.g. transformers' causal-mask bias) are weights."""
     from types import SimpleNamespace
 
     from torch.export.graph_signature import InputKind, OutputKind
 
+    graph = gm.graph
     returns = next(n for n in graph.nodes if n.op == "output").args[0]
     if not isinstance(returns, (list, tuple)):
         raise FrontendError("a graph lowered without tracing must return a list")
@@ -140,7 +142,7 @@ def _as_program(graph):
               for n in graph.nodes if n.op == "placeholder"]
     outputs = [SimpleNamespace(kind=OutputKind.USER_OUTPUT, arg=getattr(v, "name", v)) for v in returns]
     signature = SimpleNamespace(input_specs=inputs, output_specs=outputs)
-    return SimpleNamespace(graph=graph, graph_signature=signature, state_dict={}, constants={})
+    return SimpleNamespace(graph=graph, graph_signature=signature, state_dict={}, constants={}, module=gm)
 
 
 def _first_line(e: BaseException) -> str:
@@ -236,6 +238,21 @@ class _Lowering:
             elif node.users:
                 raise FrontendError(f"{self.gb.name}: input {pname!r} of kind {s.kind.name} is not supported")
 
+    def add_attribute(self, node) -> None:
+        """A tensor attribute of a graph taken as it is (trace=False): a weight the graph owns."""
+        import torch
+
+        value = getattr(self.ep, "module", None)
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        if not isinstance(value, torch.Tensor):
+            raise FrontendError(f"{self.gb.name}: node {node.name!r} reads attribute {node.target!r}, "
+                                "which is not a tensor; expected lifted parameters")
+        if node.users:
+            tid = self.gb.tensor(str(node.target), value.shape, _dtype_name(value.dtype), "weight")
+            self.ids[node] = tid
+            self.weights[self.gb.tensor_name(tid)] = value.detach()
+
     def add_call(self, node) -> None:
         import torch
 
@@ -253,7 +270,7 @@ class _Lowering:
             raise FrontendError(f"{self.gb.name}: node {node.name!r} ({op_name}) returns no tensor")
         getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
         in_ids = [self.ids[a] for a in node.all_input_nodes if a in self.ids]
-        outs, result_shapes = [], []
+        outs, result_shapes, layouts = [], [], []
         for pos, val in results:
             alias = self._aliased_input(node, schema, op_name, 0 if pos is None else pos)
             tname = node.name if pos is None else getattr(getitems.get(pos), "name", f"{node.name}_{pos}")
@@ -269,6 +286,7 @@ class _Lowering:
             if reshape is not None:
                 self.ids[reshape] = tid
             result_shapes.append(None if reshape is None else list(val.shape))
+            layouts.append(_dense_strides(val) if alias is None and reshape is None else None)
             outs.append(tid)
         for user in node.users:
             if user.target is operator.getitem and (node, user.args[1]) in self.ids:  # else a None result
@@ -282,6 +300,8 @@ class _Lowering:
         }
         if any(shape is not None for shape in result_shapes):
             attrs["result_shapes"] = result_shapes
+        if any(layouts):  # outputs ATen lays out permuted (SDPA's (B, S, H, D) memory): the executor does too
+            attrs["strides"] = layouts
         self.gb.op(node.name, op_name, in_ids, outs,
                    flops=0.0 if is_view else _flops(node, target, results),
                    elementwise=torch.Tag.pointwise in target.tags or op_name == "aten.hardswish.default",
@@ -348,8 +368,7 @@ def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
         if node.op == "call_function":
             lw.add_call(node)
         elif node.op == "get_attr":
-            raise FrontendError(f"{name}: node {node.name!r} reads attribute {node.target!r}; "
-                                "expected lifted parameters")
+            lw.add_attribute(node)
     user_outputs, constants = lw.add_outputs()
 
     def copy_op(src: int, dst: int) -> tuple[str, dict[str, Any]]:
@@ -358,6 +377,19 @@ def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
 
     graph, outputs = lw.gb.finish([*user_outputs, *lw.extra_outputs], copy_op)
     return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx", constants)
+
+
+def _dense_strides(val) -> list[int] | None:
+    """The strides of a result that is dense but not contiguous (a permuted layout), else None."""
+    if val.is_contiguous():
+        return None
+    expected = 1  # a permutation of a contiguous layout: strides, sorted, are running products of sizes
+    for size, stride in sorted(((sz, st) for sz, st in zip(val.shape, val.stride()) if sz != 1),
+                               key=lambda d: d[1]):
+        if stride != expected:
+            return None
+        expected *= size
+    return list(val.stride())
 
 
 def _owns_storage(node) -> bool:

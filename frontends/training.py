@@ -41,7 +41,7 @@ import json
 import operator
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -61,7 +61,7 @@ class TrainingGraph:
     num_fwd_outputs: int  # the first joint outputs are the forward's (loss, updated buffers)
     saved_for_backward: tuple[int, ...]  # root tensor ids written by forward ops and read by backward ops
     input_names: tuple[str, ...]  # per joint input: parameter / buffer name, "input{i}" or "tangent{i}"
-    num_weights: int  # joint inputs [0, num_weights) are parameters and buffers
+    weight_inputs: tuple[int, ...]  # positions of the joint inputs that are parameters and buffers
 
     @property
     def graph(self) -> LifetimeGraph:
@@ -70,12 +70,12 @@ class TrainingGraph:
     @property
     def loss(self) -> int:
         """Tensor id of the loss: the last forward output (updated buffers come first)."""
-        return _flat_outputs(self.lowered)[self.num_fwd_outputs - 1]
+        return flat_outputs(self.lowered)[self.num_fwd_outputs - 1]
 
     @property
     def gradients(self) -> dict[str, int]:
         """Joint input name -> tensor id of its gradient output, for every input that has one."""
-        grads = _flat_outputs(self.lowered)[self.num_fwd_outputs:]
+        grads = flat_outputs(self.lowered)[self.num_fwd_outputs:]
         return {n: t for n, t in zip(self.input_names, grads) if t is not None}
 
     def pytorch_partition(self, activation_memory_budget: float = 1.0) -> list[int]:
@@ -99,7 +99,7 @@ class TrainingGraph:
         with torch._functorch.config.patch(activation_memory_budget=float(activation_memory_budget)):
             fw, bw = min_cut_rematerialization_partition(
                 gm, inputs, compiler="inductor", num_fwd_outputs=self.num_fwd_outputs,
-                static_lifetime_input_indices=list(range(self.num_weights)))
+                static_lifetime_input_indices=list(self.weight_inputs))
         g = self.graph
         order = _op_sequence(g, fw.graph) + _op_sequence(g, bw.graph)
         return complete_sequence(g, order)
@@ -114,9 +114,6 @@ def lower_training(module, example_inputs: Sequence[Any], *, loss: Callable[[Any
     The module's own parameters and buffers are not changed.
     """
     import torch
-    from torch._functorch.aot_autograd import aot_function
-
-    from frontends.fx import lower_graph_module
 
     gname = name or f"{type(module).__name__}_train"
     inputs = tuple(example_inputs)
@@ -137,56 +134,81 @@ def lower_training(module, example_inputs: Sequence[Any], *, loss: Callable[[Any
             raise FrontendError(f"{gname}: the loss must be a floating-point tensor, not {type(value).__name__}")
         return value
 
+    was_training = module.training
+    try:
+        module.train()
+        tg = lower_joint(step, (*params.values(), *buffers.values(), *inputs), range(n_state), name=gname,
+                         elem_size=elem_size)
+    finally:
+        module.train(was_training)
+    return replace(tg, input_names=(*names, *(f"input{i}" for i in range(len(inputs))),
+                                    *(f"tangent{i}" for i in range(len(tg.joint_inputs) - len(names) - len(inputs)))))
+
+
+def lower_joint(fn: Callable[..., Any], primals: Sequence[Any], weight_inputs: Collection[int], *,
+                name: str, elem_size: int | None = None) -> TrainingGraph:
+    """The joint graph of `fn(*primals)` (a tensor or a tuple of tensors) and its backward: AOTAutograd
+    records it and stops (see the module docstring). `weight_inputs`: the positions of `primals` that
+    are weights (parameters, buffers); the other primals and the tangents, one per differentiable
+    output, are inputs. A torch.compile backend calls this with a Dynamo graph and its inputs."""
+    import torch
+    from torch._functorch.aot_autograd import aot_function
+
+    from frontends.fx import lower_graph_module
+
+    primals = tuple(primals)
     captured: dict[str, Any] = {}
 
     def record_joint(joint, joint_inputs, **kwargs):
         captured["joint"], captured["num_fwd_outputs"] = joint, kwargs["num_fwd_outputs"]
         raise _JointCaptured  # all we need: partitioning, compiling and running the step cost time
 
-    compiled = aot_function(step, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=record_joint,
+    compiled = aot_function(fn, fw_compiler=_as_is, bw_compiler=_as_is, partition_fn=record_joint,
                             decompositions=training_decompositions())
-    was_training = module.training
     try:
-        module.train()
         with torch.enable_grad(), _as_export():
-            compiled(*params.values(), *buffers.values(), *inputs)
+            compiled(*primals)
     except _JointCaptured:
         pass
     except FrontendError:
         raise
     except Exception as e:  # AOTAutograd's errors are long; the first line names the problem
         text = str(e).strip()
-        raise FrontendError(f"{gname}: AOTAutograd failed: {type(e).__name__}: "
+        raise FrontendError(f"{name}: AOTAutograd failed: {type(e).__name__}: "
                             f"{text.splitlines()[0] if text else ''}") from e
-    finally:
-        module.train(was_training)
     if "joint" not in captured:
-        raise FrontendError(f"{gname}: no parameter needs a gradient, so there is no backward graph")
+        raise FrontendError(f"{name}: no parameter needs a gradient, so there is no backward graph")
 
     joint = _clean_joint(captured["joint"])
-    primals = [*params.values(), *buffers.values(), *inputs]
     holders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     tangent_nodes = holders[len(primals):]
     if len(holders) - len(tangent_nodes) != len(primals) or not all(_is_tangent(n) for n in tangent_nodes):
-        raise FrontendError(f"{gname}: the joint graph has {len(holders)} inputs; expected {len(primals)} "
+        raise FrontendError(f"{name}: the joint graph has {len(holders)} inputs; expected {len(primals)} "
                             "primals then tangents (duplicated or aliased inputs are not supported)")
-    tangents = [torch.ones(n.meta["val"].shape, dtype=n.meta["val"].dtype) for n in tangent_nodes]
+    device = next((x.device for x in primals if isinstance(x, torch.Tensor)), None)
+    tangents = [torch.ones(n.meta["val"].shape, dtype=n.meta["val"].dtype, device=device) for n in tangent_nodes]
     joint_inputs = (*primals, *tangents)
-    lowered = lower_graph_module(joint, joint_inputs, name=gname, elem_size=elem_size,
-                                 weight_inputs=set(range(n_state)), trace=False)
+    weights = set(weight_inputs)
+    lowered = lower_graph_module(joint, joint_inputs, name=name, elem_size=elem_size,
+                                 weight_inputs=weights, trace=False)
     lowered, saved = _tag(lowered, len(primals), captured["num_fwd_outputs"])
-    input_names = (*names, *(f"input{i}" for i in range(len(inputs))),
-                   *(f"tangent{i}" for i in range(len(tangents))))
-    return TrainingGraph(lowered, joint, joint_inputs, captured["num_fwd_outputs"], saved, input_names, n_state)
+    input_names = tuple(f"primal{i}" for i in range(len(primals))) + tuple(
+        f"tangent{i}" for i in range(len(tangents)))
+    return TrainingGraph(lowered, joint, joint_inputs, captured["num_fwd_outputs"], saved, input_names,
+                         tuple(sorted(weights)))
 
 
 # ------------------------------------------------------------------ tracing
 def training_decompositions() -> dict:
     """The fx frontend's decomposition table without backward ops (native_batch_norm_backward,
-    threshold_backward, gelu_backward, ...): those stay one op, as ATen runs them."""
+    threshold_backward, gelu_backward, ...) and without scaled dot-product attention: those stay
+    one op, as ATen runs them. Decomposed, SDPA would save the seq x seq attention probabilities of
+    every layer for the backward (GPT-2 small at batch 8, sequence 1024: 384 MiB a layer), which the
+    fused kernels (flash / memory-efficient attention, picked by the device) never materialise."""
     from frontends.fx import decomposition_table
 
-    return {op: fn for op, fn in decomposition_table().items() if "backward" not in op.name()}
+    return {op: fn for op, fn in decomposition_table().items()
+            if "backward" not in op.name() and "scaled_dot_product" not in op.name()}
 
 
 class _JointCaptured(Exception):
@@ -258,7 +280,7 @@ def _tag(lowered: Lowered, n_primals: int, num_fwd_outputs: int) -> tuple[Lowere
     """Phases and recomputability on every op; the tensors saved for backward."""
     g = lowered.graph
     tangents = set(lowered.inputs[n_primals:])
-    grads = {t for t in _flat_outputs(lowered)[num_fwd_outputs:] if t is not None}
+    grads = {t for t in flat_outputs(lowered)[num_fwd_outputs:] if t is not None}
     backward = {op.id for op in g.ops
                 if any(t in tangents or g.root(t) in tangents for t in op.inputs)
                 or any(t in grads for t in op.outputs)}
@@ -279,7 +301,7 @@ def _draws_random(op_type: str) -> bool:
     return not op_type.startswith("aten.") and bool(_RANDOM_OP.search(op_type))
 
 
-def _flat_outputs(lowered: Lowered) -> list[int | None]:
+def flat_outputs(lowered: Lowered) -> list[int | None]:
     """Every joint output position: its tensor id, or None where the graph returns a constant."""
     tensors = iter(lowered.outputs)
     positions = len(lowered.outputs) + len(lowered.output_constants)

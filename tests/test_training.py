@@ -94,7 +94,7 @@ def test_phases_follow_pytorchs_classification(name):
             assert op.attrs["phase"] == "backward", op.name
         if op.attrs["phase"] == "backward":
             assert all(g.ops[s].attrs["phase"] == "backward" for s in g.successors[op.id]), op.name
-    info = classify_nodes(tg.joint_module, list(range(tg.num_weights)), tg.num_fwd_outputs)
+    info = classify_nodes(tg.joint_module, list(tg.weight_inputs), tg.num_fwd_outputs)
     backward = {n.name for n in info.required_bw_nodes}
     calls = {n.name for n in tg.joint_module.graph.nodes if n.op == "call_function"}
     mapped = [op for op in g.ops if op.name in calls]
@@ -149,7 +149,7 @@ def test_joint_graph_lowered_as_is_equals_the_traced_lowering(monkeypatch):
     tg = lower_training(ConvNet(), (torch.randn(2, 3, 8, 8),), name="conv")
     assert "aten.native_batch_norm_backward.default" not in {op.op_type for op in tg.graph.ops}
     traced = lower_graph_module(tg.joint_module, tg.joint_inputs, name="conv",
-                                weight_inputs=range(tg.num_weights)).graph
+                                weight_inputs=tg.weight_inputs).graph
     assert traced.fingerprint == tg.graph.fingerprint
     assert [op.flops for op in traced.ops] == [op.flops for op in tg.graph.ops]
     assert [{k: v for k, v in op.attrs.items() if k != "phase"} for op in tg.graph.ops] == \
@@ -210,7 +210,7 @@ def partition(tg, budget):
     with torch._functorch.config.patch(activation_memory_budget=budget):
         return min_cut_rematerialization_partition(
             torch.fx.GraphModule(joint, copy.deepcopy(joint.graph)), None, num_fwd_outputs=tg.num_fwd_outputs,
-            static_lifetime_input_indices=list(range(tg.num_weights)))
+            static_lifetime_input_indices=list(tg.weight_inputs))
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv"])

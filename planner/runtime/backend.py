@@ -7,8 +7,13 @@ torch.compile hands `options` to a registered backend as the keyword argument
   inference  (grad disabled, or nothing requires grad): lower the Dynamo graph
              (frontends.fx.lower_graph_module), plan it, return a callable that
              replays the plan on the graph's device;
-  training   through AOTAutograd: the forward and the backward graphs are each
-             lowered, planned and replayed the same way.
+  training   with a `budget` (options={"budget": 0.5 | "80%" | "6GiB"}): the joint forward +
+             backward graph (frontends.training.lower_joint) gets one rematerialisation plan
+             (formulations.remat: keep, recompute or reload what the backward reads, under
+             the peak budget) and runs as one TrainingStep (planner.runtime.training): its
+             forward phase in the compiled call, its backward phase in loss.backward();
+             without a budget, through AOTAutograd's default partition: the forward and
+             the backward graphs are each lowered, planned and replayed like inference.
 Parameters and buffers arriving as graph inputs (nn.Parameter, or marked static
 by Dynamo) become weights: read where they are, never copied into the arena.
 Plans are cached per (graph fingerprint, which carries the input shapes; target;
@@ -54,6 +59,7 @@ class BackendOptions:
     cache: bool = True  # reuse plans from memory and disk
     cache_dir: str | None = None  # default $MEMPLAN_CACHE_DIR or ~/.cache/memplan
     fallback: bool = True  # run a graph eagerly when it cannot be planned or replayed
+    budget: str | float | int | None = None  # training: remat peak budget (fraction, "80%", bytes, "6GiB")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BackendOptions:
@@ -79,6 +85,10 @@ def memplan_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dic
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     if not training:
         return _compile_graph(gm, example_inputs, opts, static, boxed=False)
+    if opts.budget is not None:
+        step = _training_step(gm, example_inputs, opts, static)
+        if step is not None:
+            return step
     from torch._dynamo.backends.common import aot_autograd
 
     n_dynamo = len(example_inputs)
@@ -90,6 +100,34 @@ def memplan_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dic
         return _compile_graph(bw_gm, bw_inputs, opts, set(), boxed=True)
 
     return aot_autograd(fw_compiler=forward, bw_compiler=backward)(gm, example_inputs)
+
+
+def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: BackendOptions,
+                   static: set[int]) -> Callable | None:
+    """The joint graph's remat plan as one TrainingStep; None (AOTAutograd's path) when it cannot be."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from frontends.common import FrontendError
+    from frontends.training import lower_joint
+    from planner.runtime.training import TrainingStep
+
+    name = f"{type(gm).__name__}_{len(gm.graph.nodes)}_train"
+    try:
+        tg = lower_joint(gm, example_inputs, static, name=name)
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        plan = plan_cached(tg.graph, opts, device, planner="remat", budget=opts.budget)
+        with unset_fake_temporarily():
+            step = TrainingStep(tg, plan, device)
+    except (FrontendError, ReplayError, PlanError, PlanFileError, ImportError, ValueError) as e:
+        if not opts.fallback:
+            raise
+        STATS["eager_fallbacks"] += 1
+        print(f"memplan: {name}: {e}; training through AOTAutograd's partition instead", file=sys.stderr)
+        return None
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
+        return lambda *args: step(*args)[0]
+    return step
 
 
 def _static_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> set[int]:
@@ -177,16 +215,19 @@ def target_for(graph: LifetimeGraph, opts: BackendOptions, device: torch.device)
     return resolve_target(preset, capacity, graph, opts.include_weights, opts.alignment)
 
 
-def cache_key(graph: LifetimeGraph, target: Target, opts: BackendOptions) -> str:
-    record = {"fingerprint": graph.fingerprint, "target": target.to_dict(), "planner": opts.planner,
-              "time_limit": opts.time_limit, "memplan": VERSION}
+def cache_key(graph: LifetimeGraph, target: Target, opts: BackendOptions, planner: str, **options) -> str:
+    record = {"fingerprint": graph.fingerprint, "target": target.to_dict(), "planner": planner,
+              "time_limit": opts.time_limit, "memplan": VERSION, **options}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def plan_cached(graph: LifetimeGraph, opts: BackendOptions, device: torch.device) -> Plan:
-    """A checked plan for `graph`: from memory, from disk, or solved (and then stored in both)."""
+def plan_cached(graph: LifetimeGraph, opts: BackendOptions, device: torch.device, planner: str | None = None,
+                **options) -> Plan:
+    """A checked plan for `graph`: from memory, from disk, or solved (and then stored in both).
+    `planner` and `options` (e.g. remat's budget) default to the backend options' planner."""
     target = target_for(graph, opts, device)
-    key = cache_key(graph, target, opts)
+    planner = planner or opts.planner
+    key = cache_key(graph, target, opts, planner, **options)
     if opts.cache and key in _MEMORY:
         STATS["memory_hits"] += 1
         return _MEMORY[key]
@@ -199,7 +240,7 @@ def plan_cached(graph: LifetimeGraph, opts: BackendOptions, device: torch.device
             return plan
         except (PlanFileError, PlanError):
             pass  # stale or damaged: solve again and overwrite it
-    plan = _solve(graph, target, opts)
+    plan = _solve(graph, target, opts, planner, **options)
     if opts.cache:
         _MEMORY[key] = plan
         try:
@@ -209,14 +250,14 @@ def plan_cached(graph: LifetimeGraph, opts: BackendOptions, device: torch.device
     return plan
 
 
-def _solve(graph: LifetimeGraph, target: Target, opts: BackendOptions) -> Plan:
+def _solve(graph: LifetimeGraph, target: Target, opts: BackendOptions, planner: str, **options) -> Plan:
     from planner.compile import compile as compile_plan
 
     STATS["solves"] += 1
     try:
-        return compile_plan(graph, target, planner=opts.planner, time_limit=opts.time_limit)
+        return compile_plan(graph, target, planner=planner, time_limit=opts.time_limit, **options)
     except ImportError as e:  # a formulation whose solver is not installed here (no ortools / pulp)
-        if opts.planner not in ("auto",):
+        if planner not in ("auto",):
             raise
         print(f"memplan: planner 'auto' unavailable ({e}); using 'baseline'", file=sys.stderr)
         return compile_plan(graph, target, planner="baseline", time_limit=opts.time_limit)

@@ -73,7 +73,8 @@ class _Step:
 class Executor:
     def __init__(self, graph: LifetimeGraph, plan: Plan, weights: Mapping[str, Any] | None = None,
                  device: str | torch.device = "cpu", *, inputs: Sequence[int] | None = None,
-                 outputs: Sequence[int] | None = None, output_views: bool = False) -> None:
+                 outputs: Sequence[int] | None = None, output_views: bool = False,
+                 phase_starts: Sequence[int] = (0,)) -> None:
         self.graph = graph
         self.output_views = output_views  # return outputs as arena views, valid until the next run
         self.plan = check(graph, plan)  # never replay a plan the checker rejects
@@ -105,6 +106,10 @@ class Executor:
         self._written: list[tuple[torch.Tensor, tuple[int, ...]]] = []  # (instance, shape) checked after run 1
         self._counts = dict(kernels=0, out_kernels=0, composite_out=0, fallback_copies=0, views=0, loads=0,
                             stores=0, load_bytes=0, store_bytes=0, output_views=0)
+        if list(phase_starts[:1]) != [0] or list(phase_starts) != sorted(set(phase_starts)):
+            raise ValueError(f"phase_starts must be increasing instruction indices from 0, not {phase_starts}")
+        self._phase_starts = tuple(phase_starts)
+        self.store_phase: dict[int, int] = {}  # output tensor id -> the phase whose steps store it
         steps = self._compile()
         self._program, waits = self._schedule(steps)
         self.stats = ExecutorStats(arena_bytes=self.arena_bytes, waits=waits, **self._counts)
@@ -122,30 +127,60 @@ class Executor:
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_ids):
             raise ReplayError(f"{self.graph.name}: expected {len(self.input_ids)} inputs, got {len(inputs)}")
-        dyn = self._dyn
         for tid, x in zip(self.input_ids, inputs):
-            t = self.graph.tensors[tid]
-            if tuple(x.shape) != t.shape:
-                raise ReplayError(f"{self.graph.name}: input {t.name!r} has shape {tuple(x.shape)}, "
-                                  f"the plan is for {t.shape}")
-            if not self._counted[tid] and x.device != self.device:
-                x = x.to(self.device)
-            dyn[self._input_slots[tid]] = x
+            self._bind(tid, x)
+        self._execute(0, len(self._program))
+        dyn = self._dyn
+        outs = tuple(dyn[self._output_slots[t]] for t in self.output_ids)
+        self._finish()
+        return outs
+
+    def run_phase(self, phase: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Run the instructions of one phase (phase_starts) with `inputs` (tensor id -> value) bound;
+        returns the outputs this phase stores, by tensor id. Values bound or stored by earlier phases
+        stay bound (a training step: the forward phase, then the backward phase with the tangents)
+        until the last phase ends."""
+        for tid, x in inputs.items():
+            self._bind(tid, x)
+        self._execute(*self._phase_range[phase])
+        dyn = self._dyn
+        outs = {}
+        for t, p in self.store_phase.items():
+            if p == phase:
+                outs[t] = dyn[self._output_slots[t]]
+                dyn[self._output_slots[t]] = None
+        if phase == len(self._phase_starts) - 1:
+            self._finish()
+        return outs
+
+    def _bind(self, tid: int, x: torch.Tensor) -> None:
+        if tid not in self._input_slots:
+            raise ReplayError(f"{self.graph.name}: {self.graph.tensors[tid].name!r} is not an input of the plan")
+        t = self.graph.tensors[tid]
+        if tuple(x.shape) != t.shape:
+            raise ReplayError(f"{self.graph.name}: input {t.name!r} has shape {tuple(x.shape)}, "
+                              f"the plan is for {t.shape}")
+        if not self._counted[tid] and x.device != self.device:
+            x = x.to(self.device)
+        self._dyn[self._input_slots[tid]] = x
+
+    def _execute(self, lo: int, hi: int) -> None:
         with torch.no_grad():
             if self.cuda:
                 cs = torch.cuda.current_stream(self.device)
                 self._cstream[0] = cs
                 self._tstream.wait_stream(cs)  # inputs are ready; the previous run's reads are done
-            for fn in self._program:
+            for fn in self._program[lo:hi]:
                 fn()
             if self.cuda:
                 cs.wait_stream(self._tstream)
-        outs = tuple(dyn[self._output_slots[t]] for t in self.output_ids)
+
+    def _finish(self) -> None:
+        dyn = self._dyn
         for i in range(len(dyn)):
             dyn[i] = None
         if not self._verified:
             self._verify()
-        return outs
 
     __call__ = run
 
@@ -219,9 +254,17 @@ class Executor:
         itemsize = dtype.itemsize
         if offset % itemsize:
             raise ReplayError(f"{t.name!r} at offset {offset} is not aligned to its {itemsize}-byte {t.dtype}")
-        inst = self.arena.narrow(0, offset, t.nbytes).view(dtype).view(t.shape)
+        flat = self.arena.narrow(0, offset, t.nbytes).view(dtype)
+        strides = self._strides(tid)
+        inst = flat.view(t.shape) if strides is None else flat.as_strided(t.shape, strides, flat.storage_offset())
         self._instances.append(inst)
         return inst
+
+    def _strides(self, tid: int) -> list[int] | None:
+        """The permuted layout the frontend recorded for the op output `tid` (attrs["strides"]), if any."""
+        producer = self.graph.producer.get(tid)
+        layouts = self.graph.ops[producer].attrs.get("strides") if producer is not None else None
+        return layouts[self.graph.ops[producer].outputs.index(tid)] if layouts else None
 
     def _region(self, tid: int, write: bool) -> Access:
         off = self._where[tid]
@@ -269,9 +312,14 @@ class Executor:
 
     def _compile(self) -> list[_Step]:
         steps: list[_Step] = []
+        self._step_phase: list[int] = []
         loaded_later = {i.ref for i in self.plan.instructions if i.kind == "load"}
+        phase = 0
         for step_index, ins in enumerate(self.plan.instructions):
             self._step_index = step_index
+            while phase + 1 < len(self._phase_starts) and step_index >= self._phase_starts[phase + 1]:
+                phase += 1
+            self._phase = phase
             if ins.kind == "compute":
                 step = self._compile_compute(self.graph.ops[ins.ref], ins.offsets)
             elif ins.kind == "load":
@@ -283,6 +331,7 @@ class Executor:
                 continue
             if step is not None:
                 steps.append(step)
+                self._step_phase.append(phase)
         return steps
 
     def _compile_compute(self, op, offsets: Sequence[int]) -> _Step | None:
@@ -375,6 +424,7 @@ class Executor:
         accesses = [self._region(tid, False), ("offchip", tid, tid + 1, True)]
         if tid in self.output_ids or self.graph.tensors[tid].kind == "output":
             slot = self._output_slots.setdefault(tid, self._new_slot())
+            self.store_phase.setdefault(tid, self._phase)
             self._offchip[tid] = Dyn(slot)
             dyn, ts = self._dyn, self._tstream
             if self.output_views and self._untouched_after(tid, self._step_index):
@@ -427,13 +477,18 @@ class Executor:
         """The program: on CUDA each step preceded by its event wait (event_waits) and followed by
         the record of an event some later step waits for. Returns (program, waits per run)."""
         self.sync_steps = [(s.stream, s.accesses) for s in steps]  # kept for inspection and tests
+        starts = [next((i for i, p in enumerate(self._step_phase) if p >= k), len(steps))
+                  for k in range(len(self._phase_starts))]
         if not self.cuda:
+            self._phase_range = list(zip(starts, [*starts[1:], len(steps)]))
             return [s.fn for s in steps], 0
         wait_for = event_waits(self.sync_steps)
         events = {j: torch.cuda.Event() for j in set(wait_for.values())}
         program: list[Callable[[], None]] = []
         cell, ts = self._cstream, self._tstream
+        begins = []  # program index of each step (its wait included)
         for i, s in enumerate(steps):
+            begins.append(len(program))
             if i in wait_for:
                 ev = events[wait_for[i]]
                 program.append((lambda ev=ev: ts.wait_event(ev)) if s.stream == "T"
@@ -443,6 +498,9 @@ class Executor:
                 ev = events[i]
                 program.append((lambda ev=ev: ev.record(ts)) if s.stream == "T"
                                else (lambda ev=ev: ev.record(cell[0])))
+        begins.append(len(program))
+        lo = [begins[k] for k in starts]
+        self._phase_range = list(zip(lo, [*lo[1:], len(program)]))
         return program, len(wait_for)
 
 

@@ -1,0 +1,114 @@
+"""A training step replayed from one joint remat plan (planner.runtime.training) and through the
+torch.compile backend with a budget: gradients equal eager's, recomputes included."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("ortools")
+
+from formulations import remat  # noqa: E402
+from frontends.training import lower_training  # noqa: E402
+from planner.runtime.aten_ops import ReplayError  # noqa: E402
+from planner.runtime.training import TrainingStep  # noqa: E402
+from planner.target import get_target  # noqa: E402
+
+TARGET = get_target("cpu", capacity=None)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+
+
+def assert_same_grads(params, ref: nn.Module) -> None:
+    for p, (name, q) in zip(params, ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-6 * q.grad.abs().max().item(), name
+
+
+def test_two_steps_at_the_minimum_budget_accumulate_eager_gradients():
+    module, x = mlp(), torch.randn(8, 16)
+    tg = lower_training(module, (x,), name="mlp")
+    res = remat.solve(tg.graph, TARGET, budget=remat.minimum_budget(tg.graph, TARGET), time_limit=30)
+    assert res.plan.metrics["recompute_flops"] > 0  # the budget forces recomputes in the backward phase
+    step = TrainingStep(tg, res.plan)
+    assert step.executor.store_phase[tg.loss] == 0 and all(step.executor.store_phase[g] == 1
+                                                           for g in tg.gradients.values())
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    for _ in range(2):
+        (loss,) = step(*params, x)
+        loss.backward()
+    ref = copy.deepcopy(module)
+    for _ in range(2):
+        ref_loss = ref(x).mean()
+        ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert_same_grads(params, ref)
+
+
+def test_a_second_forward_before_the_backward_is_refused():
+    module, x = mlp(), torch.randn(8, 16)
+    tg = lower_training(module, (x,), name="mlp")
+    step = TrainingStep(tg, remat.solve(tg.graph, TARGET, budget=0.9, time_limit=30).plan)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    step(*params, x)
+    with pytest.raises(ReplayError, match="one step at a time"):
+        step(*params, x)
+
+
+def test_backend_with_a_budget_trains_from_one_joint_plan(tmp_path):
+    from planner.runtime import backend
+
+    module, x = mlp(), torch.randn(8, 16)
+    ref = copy.deepcopy(module)
+    before = dict(backend.STATS)
+    torch._dynamo.reset()
+    f = torch.compile(module, backend="memplan", options={"budget": 0.9, "cache_dir": str(tmp_path),
+                                                          "time_limit": 10})
+    for _ in range(2):
+        f(x).square().mean().backward()
+        ref(x).square().mean().backward()
+    assert_same_grads(list(module.parameters()), ref)
+    assert backend.STATS["solves"] - before["solves"] == 1  # one joint plan, not a forward and a backward one
+    assert backend.STATS["eager_fallbacks"] == before["eager_fallbacks"]
+    (cached,) = tmp_path.glob("*.plan.json")
+    from planner.plan import Plan
+
+    assert Plan.load(cached).solver.formulation.startswith("remat")
+
+
+def test_backend_budget_below_the_minimum_falls_back_with_a_message(tmp_path, capsys):
+    from planner.runtime import backend
+
+    module, x = mlp(), torch.randn(8, 16)
+    ref = copy.deepcopy(module)
+    torch._dynamo.reset()
+    before = backend.STATS["eager_fallbacks"]
+    f = torch.compile(module, backend="memplan", options={"budget": 1000, "cache_dir": str(tmp_path)})
+    f(x).mean().backward()
+    ref(x).mean().backward()
+    assert "below" in capsys.readouterr().err and backend.STATS["eager_fallbacks"] == before + 1
+    assert_same_grads(list(module.parameters()), ref)
+
+
+def test_hf_gpt2_step_from_a_joint_plan_equals_eager():
+    """transformers' GPT-2 (SDPA attention, a lifted causal-mask constant) trained from one joint plan."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    module, ids = transformers.GPT2LMHeadModel(cfg), torch.randint(0, 128, (2, 16))
+    loss_of = lambda out: out.logits.float().square().mean()  # noqa: E731
+    tg = lower_training(module, (ids,), loss=loss_of, name="gpt2")
+    res = remat.solve(tg.graph, TARGET, budget=0.8, time_limit=30)
+    step = TrainingStep(tg, res.plan)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    (loss,) = step(*params, ids)
+    loss.backward()
+    ref = copy.deepcopy(module).train()
+    ref_loss = loss_of(ref(ids))
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert_same_grads(params, ref)
