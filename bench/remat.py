@@ -7,7 +7,8 @@ keeping everything, planner.remat_plan's count: node outputs and held inputs, no
 reuse), and `min`: the least peak any baseline reached (the lowest budget where users get a plan
 today) and half of it; on graphs no baseline applies to (random layered), `min` is the least budget
 where the split greedy finds a plan (a bisection, formulations.remat.least_heuristic_budget).
-Methods: ours (formulations.remat, CP-SAT, hinted with every baseline's sequence), the eviction
+Methods: ours (formulations.remat, backend auto: CP-SAT on the whole model below 400 nodes, LNS
+over it from the best heuristic above; hinted with every baseline's sequence), the eviction
 greedy and the live-range-splitting greedy (best of its portfolio) alone, Checkmate's MILP (CBC;
 graphs of at most --milp-nodes nodes), checkpoint-all, Chen's sqrt(n) and greedy checkpointing,
 and PyTorch's min-cut partition swept over its activation_memory_budget (training graphs only).
@@ -120,12 +121,12 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int, with_min
         for method, seq in seqs.items():
             rows.append({**base, **row_for(graph, target, method, seq, budget, tb / len(seqs))})
         hints = [s for m, s in seqs.items() if s is not None and m not in ("greedy", "split")]  # solve runs both
-        backends = ["cpsat"] + (["milp"] if len(graph.ops) <= milp_nodes else [])
+        backends = ["auto"] + (["milp"] if len(graph.ops) <= milp_nodes else [])
         for backend in backends:
             ts = time.perf_counter()
             try:
                 res = remat.solve(graph, target, budget=budget, time_limit=time_limit, backend=backend,
-                                  hints=hints if backend == "cpsat" else ())
+                                  hints=hints if backend != "milp" else ())
                 rows.append({**base, **row_for(graph, target, f"ours:{backend}", res.sequence, budget,
                                                time.perf_counter() - ts,
                                                {"status": res.status, "gap": res.gap, "found_by": res.found_by,
@@ -154,8 +155,8 @@ def write(rows: list[dict], command: str) -> None:
     rows = [r for r in old_rows if r["graph"] not in ran] + rows
     commands.append(command)
     write_atomic(path, json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
-    methods = [m for m in ("ours:cpsat", "ours:milp", "split", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
-                           "pytorch") if any(r["method"] == m for r in rows)]
+    methods = [m for m in ("ours", "ours:milp", "split", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
+                           "pytorch") if any(r["method"] == m or r["method"].startswith(f"{m}:") for r in rows)]
     lines = ["# Rematerialisation under peak budgets", "",
              "Commands: " + ", ".join(f"`{c}`" for c in commands) + " (wall seconds on a shared 2-core "
              "machine while other work ran on it).", "",
@@ -168,6 +169,7 @@ def write(rows: list[dict], command: str) -> None:
     keys = list(dict.fromkeys((r["graph"], r["budget"]) for r in rows))  # in run order
     for graph, budget in keys:
         rs = {r["method"]: r for r in rows if r["graph"] == graph and r["budget"] == budget}
+        rs.setdefault("ours", rs.get("ours:auto") or rs.get("ours:cpsat"))  # rows before auto: cpsat
         first = next(iter(rs.values()))
         cells = []
         for m in methods:
@@ -176,7 +178,8 @@ def write(rows: list[dict], command: str) -> None:
                 cells.append("-")
             elif m.startswith("ours"):
                 load = f", load {r['load']}" if "load" in r else ""
-                cells.append(f"{100 * r['overhead']:.2f} ({r['status'][:3]}, gap {100 * r['gap']:.1f}%, "
+                by = f", {r['found_by']}" if r.get("found_by") in ("lns", "split") else ""
+                cells.append(f"{100 * r['overhead']:.2f} ({r['status'][:3]}{by}, gap {100 * r['gap']:.1f}%, "
                              f"{r['solve_seconds']:.1f} s{load})")
             else:
                 cells.append(f"{100 * r['overhead']:.2f}")

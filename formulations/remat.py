@@ -14,12 +14,15 @@ Backends:
          any `hints` (sequences of other methods); scales to graphs of hundreds of nodes
   milp   Checkmate's MILP (Jain et al., MLSys 2020) through PuLP/CBC (remat_milp.py): O(n^2)
          variables, for comparison on small graphs
+  lns    large-neighbourhood search over the CP-SAT model from the best heuristic plan
+         (remat_lns.py): windows of stages re-solved with the rest fixed
+  auto   (default) cpsat below LNS_NODES nodes, lns from there (cpsat when LNS cannot start)
+All keep the given order of first computes; "optimal" means optimal within that model.
 Heuristics first: the eviction greedy (remat_heuristics.py) and a portfolio of the
 live-range-splitting greedy (remat_split.py: the retention intervals built directly, seconds
 on 1000 nodes); the cheapest sequence that fits is the answer unless the solver improves on it,
 and the solver is hinted with it (every variable). Bounds: the solver's, and the per-stage
 knapsack and gap-LP bounds of remat_bounds.py (CP-SAT's own bound is ~0 past a few hundred nodes).
-Both keep the given order of first computes; "optimal" means optimal within that model.
 The budget bounds the plan's peak (the checker's `peak_bytes`, what Checkmate and Moccasin
 bound); offsets then minimise the arena (planner.remat_plan). A target with a capacity is a hard
 arena limit as well: if fragmentation makes the placement overshoot it, the peak budget is
@@ -44,7 +47,8 @@ from planner.plan import Plan, SolverRecord
 from planner.remat_plan import Item
 from planner.target import Target
 
-BACKENDS = ("cpsat", "milp")
+BACKENDS = ("auto", "cpsat", "lns", "milp")
+LNS_NODES = 400  # auto: CP-SAT on the whole model below this many nodes, LNS from the best heuristic above
 MAX_INTERVALS = 4  # CP-SAT: retention intervals per op tried before an infeasible verdict stands
 
 
@@ -59,7 +63,7 @@ class RematResult:
     reference_peak: int  # peak of the program order without rematerialisation
     seconds: float  # everything: heuristics, solver, placement, check
     solve_seconds: float  # until the sequence was chosen (before offsets were placed)
-    found_by: str  # "program", "greedy", "split", "hint", "cpsat", "milp"
+    found_by: str  # "program", "greedy", "split", "hint", "cpsat", "lns", "milp"
 
     @property
     def gap(self) -> float:
@@ -152,7 +156,7 @@ def sequence_cost(p: RematProblem, sequence: Sequence[Item]) -> float:
 
 
 def solve(graph: LifetimeGraph, target: Target, *, budget: int | float | str | None = None,
-          time_limit: float = 60.0, backend: str = "cpsat", objective: str = "recompute",
+          time_limit: float = 60.0, backend: str = "auto", objective: str = "recompute",
           intervals: int = 2, hints: Sequence[Sequence[Item]] = (), presolve: bool = True,
           placement_seconds: float = 1.0, progress: Callable[[str], None] | None = None) -> RematResult:
     t0 = time.perf_counter()
@@ -196,7 +200,7 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
                 continue
             if remat_plan.peak(graph, target, seq) <= cap:
                 candidates.append((cost, name, seq))
-            if backend == "cpsat":  # CP-SAT times the repeats of a stage in node order
+            if backend != "milp":  # CP-SAT times the repeats of a stage in node order
                 seq = remat_cpsat.model_order(p, seq)
                 cost = sequence_cost(p, seq)
             if remat_plan.peak(graph, target, seq) <= cap:
@@ -215,10 +219,22 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
     else:
         stage_bound = max(stage_bound, lp_bound or 0.0)
     bound = stage_bound
+    used = "milp" if backend == "milp" else "cpsat"  # the solver that runs (auto: by graph size)
     if not candidates or candidates[0][0] > 0:
         left = time_limit - (time.perf_counter() - t0)
         hint = min(hints_ok, key=lambda h: h[0])[1] if hints_ok else None
-        if backend == "cpsat":
+        res = None
+        if hint is not None and (backend == "lns" or (backend == "auto" and p.n >= LNS_NODES)):
+            from formulations import remat_lns
+
+            lns = remat_lns.improve(p, cap, hint, time_limit=left, log=log)
+            left = time_limit - (time.perf_counter() - t0)
+            if lns is not None:  # else CP-SAT could not take the hint: the whole model gets the time
+                used = "lns"
+                if remat_plan.peak(graph, target, lns.sequence) <= cap:
+                    candidates.append((sequence_cost(p, lns.sequence), "lns", lns.sequence))
+                    candidates.sort(key=lambda c: c[0])
+        if used == "cpsat":
             # infeasible with C intervals per op says nothing about C + 1: widen while time remains
             for count in range(intervals, MAX_INTERVALS + 1):
                 res = remat_cpsat.solve(p, cap, time_limit=left, intervals=count, hint=hint, presolve=presolve,
@@ -227,28 +243,29 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
                 if res.status != "infeasible" or left < 1.0:
                     break
             scope = f"with at most {count - 1} recomputes or reloads per op"
-        else:
+        elif used == "milp":
             from formulations import remat_milp
 
             res = remat_milp.solve(p, cap, time_limit=left, hint=hint, log=log)
             scope = "that keeps the given order"
-        if res.status == "infeasible" and not candidates:
-            raise InfeasibleError(f"remat: no plan {scope} has a peak within {cap} bytes "
-                                  f"(the no-remat peak is {ref})")
-        bound = max(stage_bound, res.bound if res.bound < math.inf else 0.0)
-        if res.sequence is not None and remat_plan.peak(graph, target, res.sequence) <= cap:
-            candidates.append((sequence_cost(p, res.sequence), backend, res.sequence))
-            candidates.sort(key=lambda c: c[0])
+        if res is not None:
+            if res.status == "infeasible" and not candidates:
+                raise InfeasibleError(f"remat: no plan {scope} has a peak within {cap} bytes "
+                                      f"(the no-remat peak is {ref})")
+            bound = max(stage_bound, res.bound if res.bound < math.inf else 0.0)
+            if res.sequence is not None and remat_plan.peak(graph, target, res.sequence) <= cap:
+                candidates.append((sequence_cost(p, res.sequence), used, res.sequence))
+                candidates.sort(key=lambda c: c[0])
         if not candidates:
             raise InfeasibleError(f"remat: no plan within a peak of {cap} bytes found in {time_limit:.0f} s "
-                                  f"({backend}: {res.status}; the no-remat peak is {ref})")
+                                  f"({used}: {res.status if res else '-'}; the no-remat peak is {ref})")
     cost, found_by, seq = candidates[0]
     solved = time.perf_counter() - t0
     bound = bound if known_bound is None else known_bound
     slack = 1.0 / p.scale + 1e-9 * cost  # integer rounding of the solver's costs
     heuristic = found_by in ("greedy", "split", "hint")
     status = "optimal" if bound >= cost - slack else ("heuristic" if heuristic else "feasible")
-    record = SolverRecord(f"remat:{backend}", backend if found_by == backend else "heuristic", status,
+    record = SolverRecord(f"remat:{used}", used if found_by == used else "heuristic", status,
                           objective=cost, bound=min(bound, cost), gap=None, seconds=time.perf_counter() - t0,
                           params={"budget": cap, "reference_peak": ref, "objective": objective,
                                   "intervals": intervals, "found_by": found_by})

@@ -91,12 +91,23 @@ def _hint_intervals(p: RematProblem, hint: Sequence[Item]) -> dict[int, list[tup
     return out
 
 
-def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: int = 2,
-          hint: Sequence[Item] | None = None, workers: int = 2, presolve: bool = True,
-          log: Callable[[str], None] | None = None) -> CpsatResult:
+@dataclass(frozen=True)
+class CpsatModel:
+    """The model and its variables, by node and interval (remat_lns fixes and frees them)."""
+    model: object  # cp_model.CpModel
+    start: list  # [v][i]: model time of interval i of v (an int for i = 0, else an expression)
+    stage: list  # [v][i]: stage variable (an int for i = 0)
+    active: list  # [v][i]: literal (1 for i = 0)
+    reload: list  # [v][i]: literal, the active one for reload-only nodes, or None
+    src_start: dict  # source -> [start variable per interval]
+    src_act: dict  # source -> [literal per interval] (1 for the first)
+    stats: dict
+
+
+def build(p: RematProblem, budget: int, *, intervals: int = 2, hint: Sequence[Item] | None = None) -> CpsatModel:
+    """The retention-interval model of the module docstring, hinted with `hint` (every variable)."""
     from ortools.sat.python import cp_model
 
-    t0 = time.perf_counter()
     n = p.n
     horizon = _tau(n, 0, n) + 1
     users = p.users
@@ -255,6 +266,20 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
                 m.add_hint(src_act[s][j], 0)
                 m.add_hint(src_start[s][j], horizon)
                 m.add_hint(src_end[s][j], horizon)
+    stats = {"nodes": n, "intervals": len(mem_intervals), "cover_bools": n_bools,
+             "variables": len(m.proto.variables), "constraints": len(m.proto.constraints)}
+    return CpsatModel(m, start, stage_var, active, reload, src_start, src_act, stats)
+
+
+def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: int = 2,
+          hint: Sequence[Item] | None = None, workers: int = 2, presolve: bool = True,
+          log: Callable[[str], None] | None = None) -> CpsatResult:
+    from ortools.sat.python import cp_model
+
+    t0 = time.perf_counter()
+    built = build(p, budget, intervals=intervals, hint=hint)
+    m = built.model
+    inf = math.inf
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.1, time_limit - (time.perf_counter() - t0))
     solver.parameters.num_workers = workers
@@ -265,33 +290,39 @@ def solve(p: RematProblem, budget: int, *, time_limit: float = 60.0, intervals: 
     status = solver.solve(m)
     name = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible", cp_model.INFEASIBLE: "infeasible"}.get(
         status, "unknown")
-    stats = {"nodes": n, "intervals": len(mem_intervals), "cover_bools": n_bools,
-             "variables": len(m.proto.variables), "constraints": len(m.proto.constraints)}
+    stats = built.stats
     if log:
         log(f"remat cpsat: {name}, objective {solver.objective_value if name in ('optimal', 'feasible') else '-'}, "
             f"bound {solver.best_objective_bound}, {stats}")
     if name not in ("optimal", "feasible"):
         return CpsatResult(None, name, None, 0.0 if name != "infeasible" else inf, time.perf_counter() - t0, stats)
 
+    seq = extract(p, built, solver.value)
+    return CpsatResult(seq, name, solver.objective_value / p.scale, solver.best_objective_bound / p.scale,
+                       time.perf_counter() - t0, stats)
+
+
+def extract(p: RematProblem, built: CpsatModel, value: Callable[[object], int]) -> list[Item]:
+    """The sequence of an assignment; `value` maps a variable of built.model to its value."""
+    n = p.n
     evs: list[tuple[int, int, Item]] = []  # (time, 0 for loads of sources / 1 for the rest, item)
     for v in range(n):
-        for i in range(len(start[v])):
-            if i > 0 and not solver.boolean_value(active[v][i]):
+        for i in range(len(built.start[v])):
+            if i > 0 and not value(built.active[v][i]):
                 continue
-            t = solver.value(start[v][i]) if i > 0 else start[v][0]
-            if i > 0 and reload[v][i] is not None and solver.boolean_value(reload[v][i]):
+            t = _tau(value(built.stage[v][i]), v, n) if i > 0 else built.start[v][0]
+            rel = built.reload[v][i]
+            if i > 0 and rel is not None and value(rel):
                 evs.extend((t, 1, ("load", x)) for x in p.graph.ops[v].outputs
                            if p.graph.is_buffer(x, p.target.include_weights))
             else:
                 evs.append((t, 1, v))
-    for s, acts in src_act.items():
+    for s, acts in built.src_act.items():
         for j in range(1, len(acts)):
-            if solver.boolean_value(acts[j]):
-                evs.append((solver.value(src_start[s][j]), 0, ("load", s)))
+            if value(acts[j]):
+                evs.append((value(built.src_start[s][j]), 0, ("load", s)))
     evs.sort(key=lambda e: (e[0], e[1]))
-    seq: list[Item] = [item for _, _, item in evs]
-    return CpsatResult(seq, name, solver.objective_value / p.scale, solver.best_objective_bound / p.scale,
-                       time.perf_counter() - t0, stats)
+    return [item for _, _, item in evs]
 
 
 def _source_events(p: RematProblem, hint: Sequence[Item], n: int) -> dict[int, list[tuple[int, int]]]:

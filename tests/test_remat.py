@@ -298,3 +298,33 @@ def test_least_heuristic_budget_has_a_plan():
     assert remat.minimum_budget(g, TARGET) <= least < remat.reference_peak(g, TARGET)
     got = remat.solve(g, TARGET, budget=least, time_limit=10)
     assert check(g, got.plan, TARGET).metrics["peak_bytes"] <= least
+
+
+def test_lns_is_never_worse_than_its_start_and_keeps_the_budget():
+    from formulations import remat_cpsat, remat_lns
+
+    g = random_layered(150, seed=1)
+    p = build_problem(g, TARGET)
+    budget = int(remat.reference_peak(g, TARGET) * 0.8)
+    starts = [remat_cpsat.model_order(p, s) for s in remat.split_portfolio(p, budget)]
+    start = max((s for s in starts if remat_plan.peak(g, TARGET, s) <= budget),
+                key=lambda s: remat.sequence_cost(p, s))  # the worst start leaves room to improve
+    got = remat_lns.improve(p, budget, start, time_limit=8, window=20)
+    assert got is not None and got.rounds > 0
+    assert got.objective <= remat.sequence_cost(p, start) + 1e-9
+    assert remat.sequence_cost(p, got.sequence) == pytest.approx(got.objective)
+    plan = remat_plan.to_plan(g, TARGET, got.sequence, None)
+    assert check(g, plan, TARGET).metrics["peak_bytes"] <= budget
+
+
+def test_auto_runs_lns_on_500_nodes():
+    g = random_layered(500, seed=0)
+    p = build_problem(g, TARGET)
+    budget = int(remat.reference_peak(g, TARGET) * 0.8)
+    split_best = min(remat.sequence_cost(p, s) for s in remat.split_portfolio(p, budget)
+                     if remat_plan.peak(g, TARGET, s) <= budget)
+    got = remat.solve(g, TARGET, budget=budget, time_limit=25)
+    assert got.plan.solver.formulation == "remat:lns"
+    assert got.cost <= split_best
+    assert check(g, got.plan, TARGET).metrics["peak_bytes"] <= budget
+    assert 0 < got.bound <= got.cost
