@@ -46,6 +46,7 @@ Lower bounds: formulations/schedule_bounds.py.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,6 +219,17 @@ class Problem:
                 for _, _, users in (*e.reads, *e.donors):
                     mask |= users
         return mask
+
+    def grain(self, ops: Sequence[int], start: int) -> int:
+        """A number dividing every step of any order of `ops` run after `start`: the gcd of the sizes
+        of the buffers that can be resident then (RandWire stages: the smallest feature map)."""
+        end = start | sum(1 << o for o in ops)
+        found = 0
+        for _, sz, users, prod in self.roots:
+            exists = (end >> prod) & 1 if prod is not None else users & end
+            if sz and exists and (users & ~start or not users):
+                found = math.gcd(found, sz)
+        return found or 1
 
     # ---- divide and conquer ------------------------------------------------------
     def segments(self) -> list[list[int]]:
@@ -395,8 +407,15 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     peak. The first probe sits just under the peak (it proves the peak optimal or improves it)
     with two thirds of the time left; when it runs out of time or states, probes bisect the gap
     from below, each with half the time left, to raise the bound.
+    Every step is a multiple of `Problem.grain`, so the bound rounds up to one and probes bisect
+    multiples of it (RandWire: a handful of feature-map sizes between bound and peak, not bytes).
     Returns (order, peak, bound, "optimal" | "gave_up")."""
     order = list(order)
+    grain = prob.grain([o for u in units for x in u for o in (*prob.pending[x], x)], start)
+    if peak % grain:  # a grain that does not divide the peak would be a bug: bisect bytes instead
+        grain = 1
+    bound = -(-bound // grain) * grain
+    half = lambda lo, hi: lo + grain * ((hi - lo) // grain // 2)  # a multiple of grain in [lo, hi]
     probe, top_failed = peak, False
     while peak > bound and bound < probe <= peak:
         now = time.perf_counter()
@@ -407,11 +426,11 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
                      deadline=now + (deadline - now) * (2 / 3 if top else 1 / 2))
         if res.status == "no_better":
             bound = probe
-            probe = bound + (peak - bound + 1) // 2
+            probe = half(bound, peak + grain)
         elif res.status == "gave_up":
             top_failed = top_failed or top
-            probe = bound + (probe - bound) // 2  # closer to the bound: a cheaper question
+            probe = half(bound, probe)  # closer to the bound: a cheaper question
         else:
             order, peak = list(res.order), max(prob.profile(res.order, start))
-            probe = bound + (peak - bound + 1) // 2 if top_failed else peak
+            probe = half(bound, peak + grain) if top_failed else peak
     return order, peak, bound, "optimal" if peak <= bound else "gave_up"

@@ -384,3 +384,24 @@ def test_probes_at_the_optimum_with_shared_lazy_ops():
         shared = [p for o in range(prob.n) for p in prob.pending[o] if prob.owners[p].bit_count() > 1]
         committed += bool(shared)
     assert committed >= 20  # the rule is exercised: sigmoids owned by several adds
+
+
+def test_grain_divides_every_step_and_descend_bisects_multiples_of_it():
+    from formulations.schedule_dp import descend
+
+    for seed in range(330, 360):
+        g = random_graph(seed, random.Random(seed).randint(8, 14), [0, 24, 24, 48, 72])
+        prob = Problem(g)
+        ops = [o for o in range(prob.n) if not prob.lazy[o]]
+        assert prob.grain(range(prob.n), 0) % 24 == 0
+        for order in (baselines.program_order(g), baselines.dfs_order(g), baselines.bfs_order(g)):
+            assert all(step % prob.grain(range(prob.n), 0) == 0 for step in prob.profile(order))
+        start_order = normalize(prob, baselines.program_order(g))
+        peak, best = max(prob.profile(start_order)), exact_reference(g)
+        order, got, bound, status = descend(prob, [(o,) for o in ops], 0, start_order, peak, bound=1,
+                                            state_cap=10**6, deadline=1e18)
+        assert (status, got, bound) == ("optimal", best, best) and max(prob.profile(order)) == best
+        # starved of states, the bound it proves is still a multiple of the grain and below the optimum
+        _, got, bound, _ = descend(prob, [(o,) for o in ops], 0, start_order, peak, bound=1, state_cap=3,
+                                   deadline=1e18)
+        assert bound % 24 == 0 and 0 < bound <= best <= got <= peak
