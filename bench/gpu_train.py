@@ -90,6 +90,14 @@ def measure(model, fn, ids: torch.Tensor, iters: int, baseline: int) -> dict:
 
 
 def memplan_fn(budget: str, time_limit: float, cache: str):
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    try:
+        lookup_backend("memplan")
+    except Exception:  # a source tree (the GPU machine): no installed entry point
+        from planner.runtime.backend import memplan_backend
+
+        register_backend(memplan_backend, name="memplan")
     return torch.compile(step_loss, backend="memplan", fullgraph=True,
                          options={"budget": budget, "time_limit": time_limit, "cache_dir": cache})
 
