@@ -133,6 +133,52 @@ SOURCES: dict[str, Callable[[], Iterable[Case]]] = {"minimalloc": minimalloc_ins
 
 
 HEURISTICS = ("greedy_size", "best_fit", "first_fit", "improve")
+# omnimalloc (optional bench extra): its allocators side by side, as "omnimalloc:<name>"; the ones
+# that take a time budget get the run's limit. Its "minimalloc" wraps google/minimalloc, not on PyPI.
+OMNIMALLOC = ("omni", "greedy_by_size", "best_fit", "telamalloc", "supermalloc", "genetic", "simulated_annealing",
+              "tabu_search", "hill_climb")
+OMNI_PREFIX = "omnimalloc:"
+
+
+def omnimalloc_methods() -> tuple[str, ...]:
+    """The omnimalloc allocators this machine can run (none without the package)."""
+    try:
+        from omnimalloc.allocators import BaseAllocator
+    except ImportError:
+        return ()
+    have = []
+    for name in OMNIMALLOC:
+        try:  # some need packages of their own (genetic: deap)
+            BaseAllocator.registry()[name]()
+        except (ImportError, KeyError):
+            continue
+        have.append(OMNI_PREFIX + name)
+    return tuple(have)
+
+
+def run_omnimalloc(requests: list[offsets.Request], allocator: str, time_limit: float) -> offsets.Placement:
+    """Arena of one omnimalloc allocator (no capacity: they minimise), checked by our overlap check."""
+    import inspect
+
+    from omnimalloc import Allocation
+    from omnimalloc.allocators import BaseAllocator
+
+    from planner.check import Placement as CheckedItem
+    from planner.check import placement_violation
+
+    t0 = time.perf_counter()
+    cls = BaseAllocator.registry()[allocator]
+    kwargs = {"timeout": time_limit} if "timeout" in inspect.signature(cls.__init__).parameters else {}
+    placed = cls(**kwargs).allocate(tuple(Allocation(r.id, r.size, r.start, r.end) for r in requests))
+    offset = {a.id: a.offset for a in placed}
+    items = [CheckedItem(r.id, r.start, r.end, offset[r.id], r.size) for r in requests]
+    bad = placement_violation(items, None, 1)
+    if bad:
+        raise RuntimeError(f"omnimalloc {allocator} produced an invalid placement: {bad}")
+    arena = max((it.offset + it.size for it in items), default=0)
+    bound = offsets.lower_bound(requests)
+    return offsets.Placement(offset, arena, bound, "feasible", OMNI_PREFIX + allocator, time.perf_counter() - t0,
+                             (arena - bound) / arena if arena else 0.0)
 
 
 def run_case(name: str, requests: list[offsets.Request], capacity: int | None, method: str,
@@ -140,7 +186,10 @@ def run_case(name: str, requests: list[offsets.Request], capacity: int | None, m
     # heuristics cannot aim at a capacity: they run free and are judged by their arena
     free = method in HEURISTICS
     before = resource.getrusage(resource.RUSAGE_SELF)
-    placed = offsets.solve(requests, capacity=None if free else capacity, method=method, time_limit=time_limit)
+    if method.startswith(OMNI_PREFIX):
+        placed = run_omnimalloc(requests, method[len(OMNI_PREFIX):], time_limit)
+    else:
+        placed = offsets.solve(requests, capacity=None if free else capacity, method=method, time_limit=time_limit)
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # all threads of this process
     solved = placed.status in ("optimal", "feasible") and (capacity is None or placed.arena <= capacity)
@@ -285,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                     "bench/results/offsets_<source>)")
     args = ap.parse_args(argv)
     zoo = args.source == "zoo"
-    methods = [m for m in (args.methods or ",".join(ZOO_METHODS if zoo else METHODS)).split(",") if m]
-    bad = [m for m in methods + args.minimise_methods.split(",") if m and m not in offsets.METHODS]
+    extra = omnimalloc_methods()
+    methods = [m for m in (args.methods or ",".join((ZOO_METHODS if zoo else METHODS) + extra)).split(",") if m]
+    known = offsets.METHODS + extra
+    bad = [m for m in methods + args.minimise_methods.split(",") if m and m not in known]
     if bad:
-        ap.error(f"unknown method {bad[0]!r}; choose from {', '.join(offsets.METHODS)}")
+        ap.error(f"unknown method {bad[0]!r}; choose from {', '.join(known)}")
     wanted = {n for n in args.instances.split(",") if n}
     lowerings: list[dict] = []
     from ortools.sat.python import cp_model  # noqa: F401  (~0.5 s of CPU, once: not any one run's time)
