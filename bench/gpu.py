@@ -294,6 +294,11 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
                        replanned_here=c["replan"],
                        **{f"exec_{k}": v for k, v in vars_of(ex.stats).items() if k != "arena_bytes"})
             res["matches_eager"] = res["max_rel_error"] <= 1e-3
+            if device == "cuda":  # what the measured peak holds beyond the arena: outputs, kernel workspace
+                res.update(ex.measure_workspace(*inputs))
+                beyond = res["peak_activation_bytes"] - ex.arena_bytes - res["output_bytes"]
+                res["beyond_arena_and_outputs_bytes"] = beyond
+                res["within_1pct_plus_workspace"] = beyond <= 0.01 * ex.arena_bytes + res["workspace_bytes"]
             for key in ("capacity_fraction", "wanted_capacity", "M_R"):
                 if key in plan.solver.params:
                     res[key] = plan.solver.params[key]
@@ -390,6 +395,11 @@ def markdown(results: dict) -> str:
             if r.get("overlap"):
                 note.append(f"transfers {r['overlap'].get('transfer_busy_ms', 0):.1f} ms, hidden "
                             f"{100 * r['overlap'].get('hidden_fraction', 0):.0f}%")
+            if "workspace_bytes" in r:
+                note.append(f"outputs {mib(r['output_bytes'])} MiB, kernel workspace {mib(r['workspace_bytes'])} MiB "
+                            f"({r['workspace_op']}): peak - arena - outputs = "
+                            f"{r['beyond_arena_and_outputs_bytes'] / 2**20:.1f} MiB, within 1% + workspace: "
+                            f"{r['within_1pct_plus_workspace']}")
             if "compile_s" in r:
                 note.append(f"compile {r['compile_s']} s")
             lines.append(f"| {cfg} | {key} | {r['median_ms']:.2f} | {mib(r['peak_activation_bytes'])} | "

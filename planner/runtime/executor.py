@@ -24,7 +24,7 @@ way round. On the CPU the same program runs with plain copies.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,6 +68,7 @@ class _Step:
     stream: str  # "C" (compute: the caller's stream) or "T" (transfers)
     fn: Callable[[], None]
     accesses: list[Access]
+    label: str = ""  # "compute <op>", "load <tensor>", "store <tensor>": for measure_workspace
 
 
 class Executor:
@@ -164,14 +165,48 @@ class Executor:
             x = x.to(self.device)
         self._dyn[self._input_slots[tid]] = x
 
-    def _execute(self, lo: int, hi: int) -> None:
+    def measure_workspace(self, *inputs: torch.Tensor) -> dict[str, Any]:
+        """CUDA memory beyond the plan's buffers, from one run synchronised after every step:
+        `workspace_bytes`, the most any one step held transiently (cuDNN / cuBLAS workspaces, the
+        temporary of an op computed then copied) and `workspace_op`, that step's op; `output_bytes`,
+        the fresh output tensors the run returns. A run's peak is at most arena + both."""
+        if not self.cuda:
+            raise ReplayError(f"{self.graph.name}: measure_workspace needs a CUDA device")
+        worst: dict[str, Any] = {"workspace_bytes": 0, "workspace_op": None}
+        dev = self.device
+
+        def probe(k: int) -> None:
+            torch.cuda.synchronize(dev)
+            transient = torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev)
+            if transient > worst["workspace_bytes"]:
+                worst.update(workspace_bytes=int(transient), workspace_op=self._program_ops[k])
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        for tid, x in zip(self.input_ids, inputs):
+            self._bind(tid, x)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._execute(0, len(self._program), probe)
+        outs = [self._dyn[self._output_slots[t]] for t in self.output_ids]
+        worst["output_bytes"] = sum(o.numel() * o.element_size() for o in outs
+                                    if isinstance(o, torch.Tensor) and o.data_ptr() and not self._in_arena(o))
+        self._finish()
+        return worst
+
+    def _in_arena(self, x: torch.Tensor) -> bool:
+        lo = self.arena.data_ptr()
+        return lo <= x.data_ptr() < lo + self.arena_bytes
+
+    def _execute(self, lo: int, hi: int, probe: Callable[[int], None] | None = None) -> None:
         with torch.no_grad():
             if self.cuda:
                 cs = torch.cuda.current_stream(self.device)
                 self._cstream[0] = cs
                 self._tstream.wait_stream(cs)  # inputs are ready; the previous run's reads are done
-            for fn in self._program[lo:hi]:
-                fn()
+            for k in range(lo, hi):
+                self._program[k]()
+                if probe is not None:
+                    probe(k)
             if self.cuda:
                 cs.wait_stream(self._tstream)
 
@@ -330,7 +365,8 @@ class Executor:
                 self._current.pop(ins.ref, None)
                 continue
             if step is not None:
-                steps.append(step)
+                name = (self.graph.ops[ins.ref] if ins.kind == "compute" else self.graph.tensors[ins.ref]).name
+                steps.append(replace(step, label=f"{ins.kind} {name}"))
                 self._step_phase.append(phase)
         return steps
 
@@ -487,18 +523,23 @@ class Executor:
         program: list[Callable[[], None]] = []
         cell, ts = self._cstream, self._tstream
         begins = []  # program index of each step (its wait included)
+        self._program_ops: list[str | None] = []
         for i, s in enumerate(steps):
             begins.append(len(program))
+            self._program_ops.extend([None] * (len(program) - len(self._program_ops)))
             if i in wait_for:
                 ev = events[wait_for[i]]
                 program.append((lambda ev=ev: ts.wait_event(ev)) if s.stream == "T"
                                else (lambda ev=ev: cell[0].wait_event(ev)))
+            self._program_ops.extend([None] * (len(program) - len(self._program_ops)))
             program.append(s.fn)
+            self._program_ops.append(s.label)
             if i in events:
                 ev = events[i]
                 program.append((lambda ev=ev: ev.record(ts)) if s.stream == "T"
                                else (lambda ev=ev: ev.record(cell[0])))
         begins.append(len(program))
+        self._program_ops.extend([None] * (len(program) - len(self._program_ops)))
         lo = [begins[k] for k in starts]
         self._phase_range = list(zip(lo, [*lo[1:], len(program)]))
         return program, len(wait_for)
