@@ -112,7 +112,8 @@ def split_portfolio(p: RematProblem, cap: int) -> list[list[Item]]:
     for early in (True, False):
         for power in (1, 2):
             for shrink in (0.0, 0.04):
-                seq = remat_split.split_greedy(p, int(cap * (1 - shrink)), early=early, power=power)
+                seq = remat_split.split_greedy(p, int(cap * (1 - shrink)), early=early, power=power,
+                                               max_escapes=10)
                 if seq is not None:
                     out.append(seq)
     return out

@@ -43,7 +43,7 @@ class LnsResult:
 
 
 def improve(p: RematProblem, budget: int, sequence: Sequence[Item], *, time_limit: float = 60.0,
-            window: float = 40, round_seconds: float = 3.0, seed: int = 0, workers: int = 2,
+            window: float = 120, round_seconds: float = 6.0, seed: int = 0, workers: int = 2,
             log: Callable[[str], None] | None = None) -> LnsResult | None:
     """LNS from `sequence` (model-ordered, within `budget`); None when CP-SAT cannot take it as a
     solution (it breaks the model's rules) within the time limit."""
