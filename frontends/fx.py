@@ -450,7 +450,8 @@ def _flops(node, target, results) -> float:
             return float(formula(*args, out_val=node.meta.get("val"), **kwargs))
         except Exception:  # a formula that rejects these arguments: fall back to the element count
             pass
-    if target.name().startswith("aten::_scaled_dot_product_flash_attention_for_cpu"):  # flop_counter: GPU only
+    if target.name().startswith(("aten::_scaled_dot_product_flash_attention_for_cpu",  # flop_counter: GPU only
+                                 "aten::scaled_dot_product_attention")):  # fused by frontends.fx_attention
         shapes = [a.meta["val"].shape for a in node.args[:4] if isinstance(a, torch.fx.Node)]
         if target.name().endswith("_backward"):
             return float(flop_counter.sdpa_backward_flop_count(*shapes[:4]))

@@ -35,11 +35,15 @@ low-memory max-pool) remove both; so do these rewrites, in this order:
     elements), only to be tested; input-independent values that stay are still
     computed at run time, as eager PyTorch does. Under torch.export, transformers'
     ViT gets an all-zero additive attention mask that every layer adds to its scores.
+  - fuse_attention: matmul -> (scale) -> (mask) -> softmax -> matmul, each
+    intermediate read only by the next, becomes one
+    aten.scaled_dot_product_attention (frontends.fx_attention): the scores and the
+    probabilities (batch x heads x L x S each) are never allocated.
 Training graphs never get the BatchNorm and max-pool rewrites: `lower_module` refuses them for a module
 in training mode (its BatchNorm is another op, and its forward graph returns the
 pooling indices for the backward); CSE and dropping clones are valid on any
-functional graph, and so are the last two (GELU fuses only where nothing else
-reads its intermediates, which a training graph's backward does). Each
+functional graph, and so are the last three (GELU and attention fuse only where
+nothing else reads their intermediates, which a training graph's backward does). Each
 rewrite is one switch of `InferenceRewrites`; `rewrite` mutates the fx graph in
 place and returns the new weights by placeholder name.
 """
@@ -52,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from frontends.fx_attention import fuse_attention
 from frontends.fx_fuse import fuse_gelu
 
 _CONV = "aten.convolution.default"
@@ -71,14 +76,16 @@ class InferenceRewrites:
     drop_pool_indices: bool = True  # max-pool indices nobody reads are not computed
     fuse_gelu: bool = True  # GELU written as arithmetic (8 element-wise ops) is one aten.gelu
     drop_zero_adds: bool = True  # x + (a constant that is all zeros) is x
+    fuse_attention: bool = True  # matmul -> softmax -> matmul is one scaled_dot_product_attention
 
     @classmethod
     def none(cls) -> InferenceRewrites:
         return cls(cse=False, drop_clones=False, fold_batchnorm=False, drop_pool_indices=False,
-                   fuse_gelu=False, drop_zero_adds=False)
+                   fuse_gelu=False, drop_zero_adds=False, fuse_attention=False)
 
     def any(self) -> bool:
-        return self.cse or self.drop_clones or self.fuse_gelu or self.drop_zero_adds or self.inference_only()
+        return self.cse or self.drop_clones or self.fuse_gelu or self.drop_zero_adds or self.fuse_attention \
+            or self.inference_only()
 
     def inference_only(self) -> bool:
         """Whether a rewrite that is wrong for training graphs is on."""
@@ -110,6 +117,9 @@ def rewrite(graph, constant_of: ConstantOf, passes: InferenceRewrites) -> dict[s
         _drop_zero_adds(graph)
     if passes.fuse_gelu:
         fuse_gelu(graph)
+    if passes.fuse_attention:
+        constant, values = _input_independent(graph), {}
+        fuse_attention(graph, lambda node: _evaluate(node, constant, values) if node in constant else None)
     return new
 
 

@@ -191,6 +191,9 @@ def _flops(node: onnx.NodeProto, ins: list[Value | None], out: Value) -> float:
         return 2.0 * n_out * ins[0].shape[-1]
     if op == "MatMulAdd":  # memplan::MatMulAdd = MatMul + bias Add
         return 2.0 * n_out * ins[0].shape[-1] + n_out
+    if op == "Attention" and len(ins) >= 3:  # Q K^T and P V (frontends.onnx_attention): 4-D inputs
+        q, k, v = (x.shape for x in ins[:3])
+        return 2.0 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
     if op == "Gemm":
         trans_a = any(a.name == "transA" and a.i for a in node.attribute)
         return 2.0 * n_out * ins[0].shape[0 if trans_a else 1]

@@ -15,7 +15,16 @@ is a full-size activation that neither eager PyTorch nor onnxruntime allocates
     (standard ONNX ops of opsets 20, 24 and 17) -- but only after evaluating the
     region on sample inputs, with random stand-ins for the weights, and finding
     it equal to that function (the two GELUs differ by up to 4.7e-4 on [-5, 5];
-    the tolerance is 2e-6).
+    the tolerance is 2e-6);
+  - MatMul(Q, K^T) -> [Mul | Div by a constant scalar] -> [Add(mask) |
+    Where(cond, -inf, .)] -> Softmax(last axis) -> [Casts to its own type] ->
+    MatMul(., V) over 4-D (batch, heads, seq, head) values, each intermediate read
+    only by the next, becomes the standard `Attention(Q, K, V, mask)` (opset 23,
+    `scale`, `is_causal`), as frontends.fx_attention fuses the same pattern into
+    aten.scaled_dot_product_attention: neither lowering allocates the scores. K is
+    K^T's Transpose input re-permuted (a view) or a new Transpose of K^T; a Where
+    condition becomes a boolean mask of the allowed positions (Not(cond), folded when
+    cond is a constant), or is_causal=1 when cond is the constant strict upper triangle.
 Everything else is left as exported.
 """
 
@@ -28,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from frontends.onnx_attention import fuse_attention
 from frontends.onnx_fold import KeptNode, StaticGraph, Value, evaluate
 
 _POINTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Neg", "Sqrt", "Reciprocal"})
@@ -61,6 +71,9 @@ _FUNCTIONS = (  # (op_type, attributes, reference)
 def fuse(static: StaticGraph, opset: int) -> StaticGraph:
     nodes = _fuse_bias(list(static.nodes), static)
     nodes = _fuse_regions(nodes, static, opset)
+    if opset >= 13:  # Softmax over one axis (earlier opsets flatten to 2-D)
+        nodes, values = fuse_attention(nodes, static)
+        static = replace(static, values=values)
     return replace(static, nodes=tuple(nodes))
 
 

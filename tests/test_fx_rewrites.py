@@ -214,9 +214,13 @@ def test_hf_models_lose_the_arithmetic_gelu_and_the_zero_mask():
 
     params = models.spec("hf_vit").small
     module, inputs = models.build("hf_vit", **params)
-    lo = lower_module(module, inputs)
+    lo = lower_module(module, inputs, rewrites=InferenceRewrites(fuse_attention=False))
     softmax_inputs = [lo.graph.ops[lo.graph.producer[o.inputs[0]]].op_type
                       for o in lo.graph.ops if o.op_type == "aten._softmax.default"]
     assert softmax_inputs == ["aten.mul.Tensor"] * params["layers"]
     assert _ops(lo)["aten.where.self"] == 0
     assert _replay_error(lo, module, inputs) <= 1e-5
+    fused = lower_module(module, inputs)  # with attention fused (frontends.fx_attention): no mask at all
+    attention = [o for o in fused.graph.ops if o.op_type == "aten.scaled_dot_product_attention.default"]
+    assert len(attention) == params["layers"] and all(o.attrs["args"][3] is None for o in attention)
+    assert _replay_error(fused, module, inputs) <= 1e-5

@@ -376,4 +376,19 @@ def _softmax(op, ins, outs, a, node, known):
     return (lambda: fn(x, axis, False, out=o)), "out"
 
 
+
+@register("Attention")  # ONNX Attention over 4-D (batch, heads, seq, head) inputs (frontends.onnx_attention)
+def _attention(op, ins, outs, a, node, known):
+    if len(outs) != 1 or any(x is not None for x in ins[4:]) or ins[0].dim() != 4:
+        raise ReplayError(f"Attention node {node!r}: only 4-D Q, K, V with an optional mask and one output "
+                          "are supported (no past key / value)")
+    if a.get("softcap", 0.0) or a.get("qk_matmul_output_mode", 0):
+        raise ReplayError(f"Attention node {node!r}: softcap and qk_matmul_output_mode are not supported")
+    q, k, v, mask, o = ins[0], ins[1], ins[2], optional(ins, 3), outs[0]
+    scale = _attr_float(a, "scale", 1.0 / math.sqrt(q.shape[-1]))
+    causal = bool(a.get("is_causal", 0))
+    # the same call as the fx lowering's aten.scaled_dot_product_attention: computed, then copied
+    return (lambda: o.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                           scale=scale))), "fallback"
+
 from planner.runtime import onnx_data_ops  # noqa: E402,F401  (registers pooling, reductions, data movement)
