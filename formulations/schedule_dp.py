@@ -326,6 +326,7 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
         return None
 
     memo_get = memo.get
+    single = [next(iter(usucc[u])) if len(usucc[u]) == 1 else -1 for u in range(m)]  # a unit's one successor
     ready0 = sum(1 << u for u in range(m) if not upred[u])
     layers: list[dict[int, tuple[int, int, int, int]]] = [{} for _ in range(m + 1)]
     layers[0][0] = (floor, prob.mem(start), start, ready0)  # unit set -> (peak, mem, op set, ready units)
@@ -359,7 +360,9 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
                     if mem2 <= mem:
                         moves = [((u,), p2, mem2, done2, umask | (1 << u))]
                         break
-                    chain = chain_commit(umask, peak, mem, u, s, mem2, done2)
+                    v = single[u]  # chain_commit's first test, inline: most chains stop there
+                    chain = None if v < 0 or upred[v] & ~(umask | low) or not commit[v] else \
+                        chain_commit(umask, peak, mem, u, s, mem2, done2)
                     if chain is not None:
                         moves = [(chain[0], p2, *chain[1:])]
                         break
