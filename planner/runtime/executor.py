@@ -385,7 +385,14 @@ class Executor:
             args = aten_ops.substitute(aten_ops.decode(op.attrs["args"], self.device), self.get)
             kwargs = aten_ops.substitute(aten_ops.decode_kwargs(op.attrs["kwargs"], self.device), self.get)
         outs = []
-        for t, off in zip(op.outputs, offsets):
+        host = set(op.attrs.get("host_outputs", ()))
+        for k, (t, off) in enumerate(zip(op.outputs, offsets)):
+            if k in host:  # the kernel returns it on the host and its readers expect it there
+                tt = g.tensors[t]
+                outs.append(torch.empty(tt.shape, dtype=getattr(torch, tt.dtype)))
+                self._current[t], self._where[t] = outs[-1], off
+                self._instances.append(outs[-1])
+                continue
             taken = [i for i in op.inplace_inputs if i in self._current and self._where[i] == off
                      and 0 < self._size[t] <= self._size[i]]
             if taken:  # in-place takeover: the input's buffer becomes the output's
