@@ -304,9 +304,9 @@ class _Lowering:
             attrs["strides"] = layouts
         on_device = any(getattr(a.meta.get("val"), "device", None) is not None
                         and a.meta["val"].device.type != "cpu" for a in node.all_input_nodes)
-        host = [k for k, (_, val) in enumerate(results) if on_device and val.device.type == "cpu"]
-        if host:  # a device kernel's host-side results (flash attention's philox seed and offset)
-            attrs["host_outputs"] = host
+        host = [k for k, (_, val) in enumerate(results) if on_device and val.device.type in ("cpu", "meta")]
+        if host:  # results whose device the kernel picks at run time (attention's dropout seed and offset:
+            attrs["host_outputs"] = host  # host tensors unless CUDA graphs are captured; "meta" when traced)
         self.gb.op(node.name, op_name, in_ids, outs,
                    flops=0.0 if is_view else _flops(node, target, results),
                    elementwise=torch.Tag.pointwise in target.tags or op_name == "aten.hardswish.default",

@@ -112,3 +112,28 @@ def test_hf_gpt2_step_from_a_joint_plan_equals_eager():
     ref_loss.backward()
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert_same_grads(params, ref)
+
+
+def test_results_kept_as_the_kernel_returns_them_replay_the_same():
+    """host_outputs (a device kernel's host-side results, e.g. attention's dropout seed) are passed to
+    their readers as returned, never copied into the arena: LayerNorm's mean / rstd marked so here."""
+    from dataclasses import replace
+
+    from planner.graph import LifetimeGraph
+
+    torch.manual_seed(0)
+    module, x = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4)), torch.randn(8, 16)
+    tg = lower_training(module, (x,), name="ln")
+    g = tg.graph
+    marked = [op.id for op in g.ops if op.op_type == "aten.native_layer_norm.default"]
+    assert marked
+    ops = tuple(replace(op, attrs={**op.attrs, "host_outputs": [1, 2]}) if op.id in marked else op for op in g.ops)
+    tg = replace(tg, lowered=replace(tg.lowered, graph=LifetimeGraph(g.name, g.tensors, ops)))
+    step = TrainingStep(tg, remat.solve(tg.graph, TARGET, budget=1.0, time_limit=30).plan)
+    assert step.executor.stats.fallback_copies >= len(marked)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    (loss,) = step(*params, x)
+    loss.backward()
+    ref = copy.deepcopy(module)
+    ref(x).mean().backward()
+    assert_same_grads(params, ref)

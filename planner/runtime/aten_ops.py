@@ -307,14 +307,15 @@ def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequenc
     by_position: list = [None] * (max(positions) + 1)
     for p, o in zip(positions, outs):
         by_position[p] = o
-    writer = _DIRECT[target](by_position, device_type) if target in _DIRECT else None
+    kept = any(isinstance(o, Dyn) for o in outs)  # results kept as returned (host_outputs): no out= kernel
+    writer = _DIRECT[target](by_position, device_type) if target in _DIRECT and not kept else None
     if writer is not None:
         if dynamic:
             return Bound(lambda: writer(get_args(dyn), get_kwargs(dyn)), "direct")
         return Bound(lambda: writer(args, kwargs), "direct")
 
     variant = out_variant(op)
-    if variant is not None and sorted(positions) == list(range(len(op._schema.returns))):
+    if variant is not None and not kept and sorted(positions) == list(range(len(op._schema.returns))):
         out_kw = {variant.out_names[p]: o for p, o in zip(positions, outs)}
         keep = variant.keep_kwargs
         call = variant.op
@@ -334,7 +335,10 @@ def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequenc
             outs[0].copy_(res)
         else:
             for p, o in zip(positions, outs):
-                o.copy_(res[p])
+                if isinstance(o, Dyn):
+                    dyn[o.slot] = res[p]
+                else:
+                    o.copy_(res[p])
     return Bound(run_fallback, "fallback")
 
 

@@ -387,11 +387,9 @@ class Executor:
         outs = []
         host = set(op.attrs.get("host_outputs", ()))
         for k, (t, off) in enumerate(zip(op.outputs, offsets)):
-            if k in host:  # the kernel returns it on the host and its readers expect it there
-                tt = g.tensors[t]
-                outs.append(torch.empty(tt.shape, dtype=getattr(torch, tt.dtype)))
+            if k in host:  # kept as the kernel returns it (host or device): its readers get that tensor
+                outs.append(Dyn(self._new_slot()))
                 self._current[t], self._where[t] = outs[-1], off
-                self._instances.append(outs[-1])
                 continue
             taken = [i for i in op.inplace_inputs if i in self._current and self._where[i] == off
                      and 0 < self._size[t] <= self._size[i]]
