@@ -21,8 +21,10 @@ move at s* lowers it, the next fullest stages are searched; when none does eithe
 stops when the peak fits, or returns None when no move is left.
 Every recompute reads producers that are resident (chains of one level at most), as in the
 C-interval model, so the result is a full hint for remat_cpsat. Cost: O(live * span) numpy work
-per move; about a second per run on 1000 nodes. Incomplete: on random layered graphs of 120-200
-nodes at 80-85% it finds no plan in about half of the cases where CP-SAT finds one.
+per move; about a second per run on 1000 nodes. Incomplete: with remat.split_portfolio it
+found no plan for 7 of 12 (graph, budget) pairs of random layered graphs of 120-200 nodes at 80%
+and 85% (picked where an earlier version failed), e.g. RL120 seed 1 at 80%, which CP-SAT solves
+to optimality; remat.solve then relies on CP-SAT alone.
 Omits: reloads of graph inputs (a source holds one interval), recompute chains deeper than one
 level, moving a recompute once placed.
 """
