@@ -228,7 +228,7 @@ def _solve_once(graph, target, cap, ref, t0, time_limit, backend, objective, int
         if hint is not None and (backend == "lns" or (backend == "auto" and p.n >= LNS_NODES)):
             from formulations import remat_lns
 
-            lns = remat_lns.improve(p, cap, hint, time_limit=left, log=log)
+            lns = remat_lns.improve(p, cap, hint, time_limit=left, stop_at=stage_bound, log=log)
             left = time_limit - (time.perf_counter() - t0)
             if lns is not None:  # else CP-SAT could not take the hint: the whole model gets the time
                 used = "lns"

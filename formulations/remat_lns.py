@@ -44,9 +44,10 @@ class LnsResult:
 
 def improve(p: RematProblem, budget: int, sequence: Sequence[Item], *, time_limit: float = 60.0,
             window: float = 120, round_seconds: float = 6.0, seed: int = 0, workers: int = 2,
-            log: Callable[[str], None] | None = None) -> LnsResult | None:
+            stop_at: float = 0.0, log: Callable[[str], None] | None = None) -> LnsResult | None:
     """LNS from `sequence` (model-ordered, within `budget`); None when CP-SAT cannot take it as a
-    solution (it breaks the model's rules) within the time limit."""
+    solution (it breaks the model's rules) within the time limit. Stops early once the objective
+    reaches `stop_at` (a known lower bound, in the problem's cost unit)."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def improve(p: RematProblem, budget: int, sequence: Sequence[Item], *, time_limi
     rng = random.Random(seed)
     rounds = improvements = 0
     n = p.n
-    while time.perf_counter() - t0 < time_limit - 0.5 and best > 0:
+    while time.perf_counter() - t0 < time_limit - 0.5 and best > p.int_cost(stop_at) + 0.5:
         rounds += 1
         seq = remat_cpsat.extract(p, built, _value_of(values))
         repeats = _repeated_nodes(seq)
