@@ -23,6 +23,8 @@ way round. On the CPU the same program runs with plain copies.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -577,7 +579,15 @@ def _conflict(a: list[Access], b: list[Access]) -> bool:
 
 
 def _named(fn: Callable[[], None], op) -> Callable[[], None]:
-    """Errors at run time name the op that raised them."""
+    """Errors at run time name the op that raised them; MEMPLAN_TRACE=1 prints each op before it runs
+    (an op that crashes the process names itself)."""
+    if os.environ.get("MEMPLAN_TRACE"):
+        inner = fn
+
+        def fn() -> None:
+            print(f"memplan: run {op.name} ({op.op_type})", file=sys.stderr, flush=True)
+            inner()
+
     def run() -> None:
         try:
             fn()
