@@ -304,9 +304,11 @@ class _Lowering:
             attrs["strides"] = layouts
         on_device = any(getattr(a.meta.get("val"), "device", None) is not None
                         and a.meta["val"].device.type != "cpu" for a in node.all_input_nodes)
-        host = [k for k, (_, val) in enumerate(results) if on_device and val.device.type in ("cpu", "meta")]
-        if host:  # results whose device the kernel picks at run time (attention's dropout seed and offset:
-            attrs["host_outputs"] = host  # host tensors unless CUDA graphs are captured; "meta" when traced)
+        runtime_device = _RUNTIME_DEVICE_RESULTS.get(op_name, ())
+        host = [k for k, (pos, val) in enumerate(results)
+                if on_device and (val.device.type in ("cpu", "meta") or pos in runtime_device)]
+        if host:  # results whose device the kernel picks at run time: kept as it returns them
+            attrs["host_outputs"] = host
         self.gb.op(node.name, op_name, in_ids, outs,
                    flops=0.0 if is_view else _flops(node, target, results),
                    elementwise=torch.Tag.pointwise in target.tags or op_name == "aten.hardswish.default",
@@ -382,6 +384,18 @@ def _lower_exported(ep, name: str, elem_size: int | None, example_inputs: tuple,
 
     graph, outputs = lw.gb.finish([*user_outputs, *lw.extra_outputs], copy_op)
     return Lowered(graph, lw.weights, tuple(lw.inputs), outputs[:len(user_outputs)], "fx", constants)
+
+
+# Result positions whose device the kernel picks at run time: fused attention's dropout seed and offset
+# are host tensors (device ones only under CUDA-graph capture) that the backward reads on the host, while
+# fake tensors report the inputs' device for them (the list torch._subclasses.fake_utils.is_sdpa_error has).
+_RUNTIME_DEVICE_RESULTS = {
+    "aten._scaled_dot_product_flash_attention.default": (6, 7),
+    "aten._flash_attention_forward.default": (6, 7),
+    "aten._scaled_dot_product_efficient_attention.default": (2, 3),
+    "aten._efficient_attention_forward.default": (2, 3),
+    "aten._scaled_dot_product_cudnn_attention.default": (6, 7),
+}
 
 
 def _dense_strides(val) -> list[int] | None:
