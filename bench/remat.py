@@ -143,16 +143,16 @@ def run_graph(name: str, fractions, time_limit: float, milp_nodes: int, with_min
 
 
 def write(rows: list[dict], command: str) -> None:
-    """Results of this run, merged with the recorded rows of graphs it did not run."""
+    """Results of this run, merged with the recorded rows of the (graph, budget) pairs it did not run."""
     from planner.plan import write_atomic
 
     OUT.mkdir(exist_ok=True)
     path = OUT / "remat.json"
-    ran = {r["graph"] for r in rows}
+    ran = {(r["graph"], r["budget"]) for r in rows}
     old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     old_rows = old["rows"] if isinstance(old, dict) else old
     commands = [c for c in (old.get("commands", []) if isinstance(old, dict) else []) if c != command]
-    rows = [r for r in old_rows if r["graph"] not in ran] + rows
+    rows = [r for r in old_rows if (r["graph"], r["budget"]) not in ran] + rows
     commands.append(command)
     write_atomic(path, json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     methods = [m for m in ("ours", "ours:milp", "split", "greedy", "checkpoint_all", "chen_sqrt", "chen_greedy",
