@@ -229,6 +229,7 @@ METHODS = ("eager", "memplan", "inductor", "reference", "reference_inductor")
 def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iters: int,
             methods: set[str]) -> dict:
     from planner.runtime.executor import Executor
+    from planner.runtime.profile import measure_overlap, measure_workspace
 
     budget = Budget(budget_s)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,7 +296,7 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
                        **{f"exec_{k}": v for k, v in vars_of(ex.stats).items() if k != "arena_bytes"})
             res["matches_eager"] = res["max_rel_error"] <= 1e-3
             if device == "cuda":  # what the measured peak holds beyond the arena: outputs, kernel workspace
-                res.update(ex.measure_workspace(*inputs))
+                res.update(measure_workspace(ex, *inputs))
                 beyond = res["peak_activation_bytes"] - ex.arena_bytes - res["output_bytes"]
                 res["beyond_arena_and_outputs_bytes"] = beyond
                 res["within_1pct_plus_workspace"] = beyond <= 0.01 * ex.arena_bytes + res["workspace_bytes"]
@@ -304,7 +305,7 @@ def run_all(folder: Path, out_dir: Path, names: list[str], budget_s: float, iter
                     res[key] = plan.solver.params[key]
             if plan.target.capacity is not None:
                 res["arena_within_capacity"] = ex.arena_bytes <= plan.target.capacity
-                res["overlap"] = ex.measure_overlap(*inputs, runs=5)
+                res["overlap"] = measure_overlap(ex, *inputs, runs=5)
             return res
         attempt(cfg, "memplan", replay)
         attempt(cfg, "memplan_output_views", lambda cfg=cfg: replay(cfg, views=True))

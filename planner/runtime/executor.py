@@ -167,34 +167,6 @@ class Executor:
             x = x.to(self.device)
         self._dyn[self._input_slots[tid]] = x
 
-    def measure_workspace(self, *inputs: torch.Tensor) -> dict[str, Any]:
-        """CUDA memory beyond the plan's buffers, from one run synchronised after every step:
-        `workspace_bytes`, the most any one step held transiently (cuDNN / cuBLAS workspaces, the
-        temporary of an op computed then copied) and `workspace_op`, that step's op; `output_bytes`,
-        the fresh output tensors the run returns. A run's peak is at most arena + both."""
-        if not self.cuda:
-            raise ReplayError(f"{self.graph.name}: measure_workspace needs a CUDA device")
-        worst: dict[str, Any] = {"workspace_bytes": 0, "workspace_op": None}
-        dev = self.device
-
-        def probe(k: int) -> None:
-            torch.cuda.synchronize(dev)
-            transient = torch.cuda.max_memory_allocated(dev) - torch.cuda.memory_allocated(dev)
-            if transient > worst["workspace_bytes"]:
-                worst.update(workspace_bytes=int(transient), workspace_op=self._program_ops[k])
-            torch.cuda.reset_peak_memory_stats(dev)
-
-        for tid, x in zip(self.input_ids, inputs):
-            self._bind(tid, x)
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        self._execute(0, len(self._program), probe)
-        outs = [self._dyn[self._output_slots[t]] for t in self.output_ids]
-        worst["output_bytes"] = sum(o.numel() * o.element_size() for o in outs
-                                    if isinstance(o, torch.Tensor) and o.data_ptr() and not self._in_arena(o))
-        self._finish()
-        return worst
-
     def _in_arena(self, x: torch.Tensor) -> bool:
         lo = self.arena.data_ptr()
         return lo <= x.data_ptr() < lo + self.arena_bytes
@@ -220,31 +192,6 @@ class Executor:
             self._verify()
 
     __call__ = run
-
-    def measure_overlap(self, *inputs: torch.Tensor, runs: int = 5) -> dict[str, float]:
-        """CUDA: how much transfer time the compute hides. Median wall time with and without the
-        transfers (same kernels otherwise), and the busy time of the transfer stream."""
-        if not self.cuda:
-            return {}
-        def timed(skip: bool) -> tuple[float, float]:
-            self._flags.skip_transfers = skip
-            self._flags.timing = []
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.run(*inputs)
-            end.record()
-            torch.cuda.synchronize(self.device)
-            busy = sum(a.elapsed_time(b) for a, b in self._flags.timing)
-            return start.elapsed_time(end), busy
-        try:
-            full = sorted(timed(False) for _ in range(runs))[runs // 2]
-            bare = sorted(timed(True)[0] for _ in range(runs))[runs // 2]
-        finally:
-            self._flags.skip_transfers, self._flags.timing = False, None
-        wall, busy = full
-        exposed = max(0.0, wall - bare)
-        return {"wall_ms": wall, "compute_only_ms": bare, "transfer_busy_ms": busy, "exposed_transfer_ms": exposed,
-                "hidden_fraction": (1.0 - min(exposed, busy) / busy) if busy > 0 else 1.0}
 
     def _verify(self) -> None:
         """After the first run: no out= kernel resized a buffer (that would move it out of the arena)."""

@@ -31,6 +31,7 @@ import torch
 
 from planner.plan import Plan
 from planner.runtime.executor import Executor, ExecutorStats
+from planner.runtime.profile import measure_overlap
 
 TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}  # max relative error accepted by --check, per device type
 
@@ -46,7 +47,7 @@ class ReplayReport:
     seconds_per_run: float  # median over `runs`
     runs: int
     stats: ExecutorStats
-    overlap: dict[str, float] = field(default_factory=dict)  # CUDA with transfers: Executor.measure_overlap
+    overlap: dict[str, float] = field(default_factory=dict)  # CUDA with transfers: profile.measure_overlap
     max_rel_error: float | None = None  # vs the reference outputs, when given
     outputs: tuple = field(default=(), repr=False, compare=False)
 
@@ -100,7 +101,7 @@ def replay(lowered, plan: Plan, inputs: Sequence[torch.Tensor], device: str = "c
         if cuda:
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
-    overlap = ex.measure_overlap(*xs, runs=max(1, runs)) if cuda and (ex.stats.loads + ex.stats.stores) else {}
+    overlap = measure_overlap(ex, *xs, runs=max(1, runs)) if cuda and (ex.stats.loads + ex.stats.stores) else {}
     err = None if reference is None else max_rel_error(outs, reference)
     return ReplayReport(graph=lowered.graph.name, device=str(dev), arena_bytes=ex.arena_bytes,
                         plan_peak_bytes=int(ex.plan.metrics["peak_bytes"]),
