@@ -137,3 +137,21 @@ def test_results_kept_as_the_kernel_returns_them_replay_the_same():
     ref = copy.deepcopy(module)
     ref(x).mean().backward()
     assert_same_grads(params, ref)
+
+
+def test_backend_budget_with_updated_buffers_falls_back_to_aot(tmp_path, capsys):
+    """BatchNorm's updated statistics are forward outputs without tangents: not a TrainingStep (yet)."""
+    from planner.runtime import backend
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32), nn.Linear(32, 4))  # a bias before
+    x = torch.randn(8, 16)  # BatchNorm has a zero gradient: only rounding noise to compare
+    ref = copy.deepcopy(module)
+    torch._dynamo.reset()
+    before = backend.STATS["eager_fallbacks"]
+    f = torch.compile(module, backend="memplan", options={"budget": 0.9, "cache_dir": str(tmp_path)})
+    f(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    assert "tangents" in capsys.readouterr().err and backend.STATS["eager_fallbacks"] == before + 1
+    assert_same_grads(list(module.parameters()), ref)
+    assert torch.allclose(module[1].running_mean, ref[1].running_mean)

@@ -114,6 +114,9 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
     name = f"{type(gm).__name__}_{len(gm.graph.nodes)}_train"
     try:
         tg = lower_joint(gm, example_inputs, static, name=name)
+        reason = TrainingStep.unsupported(tg)
+        if reason:  # before any solve
+            raise ReplayError(reason)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         plan = plan_cached(tg.graph, opts, device, planner="remat", budget=opts.budget)
         with unset_fake_temporarily():

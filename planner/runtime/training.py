@@ -51,9 +51,23 @@ class TrainingStep:
                 if t is not None and self.executor.store_phase.get(t) != 0]
         if late:
             raise ReplayError(f"{g.name}: forward output(s) {', '.join(late)} are stored after the backward starts")
+        reason = self.unsupported(tg)
+        if reason:
+            raise ReplayError(reason)
         if len(self.gradients) != self.n_primals:
             raise ReplayError(f"{g.name}: {len(self.gradients)} gradient outputs for {self.n_primals} primals")
         self._pending = False
+
+    @staticmethod
+    def unsupported(tg) -> str | None:
+        """Why the joint graph `tg` cannot run as a TrainingStep (None if it can): AOTAutograd gives
+        tangents to differentiable outputs only, so with updated buffers or integer outputs among the
+        forward outputs the autograd.Function could not tell which gradient is which."""
+        tangents = sum(name.startswith("tangent") for name in tg.input_names)
+        if tangents and tangents != tg.num_fwd_outputs:
+            return (f"{tg.graph.name}: {tg.num_fwd_outputs} forward outputs but {tangents} tangents (outputs "
+                    "without gradients, e.g. updated BatchNorm statistics, are not supported here)")
+        return None
 
     @property
     def arena_bytes(self) -> int:
