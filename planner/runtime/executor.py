@@ -19,6 +19,10 @@ that touched an overlapping region, so a freed region is never overwritten while
 a store still reads it and no op reads a buffer before its load lands. Each run
 starts with the transfer stream waiting for the caller's stream and ends the other
 way round. On the CPU the same program runs with plain copies.
+
+`phase_starts` splits the program at instruction indices: `run_phase(k, inputs)` runs one phase
+with more inputs bound and returns the outputs it stores, while what earlier phases bound or left
+in the arena stays (a training step's forward and backward, planner.runtime.training).
 """
 
 from __future__ import annotations
