@@ -47,8 +47,10 @@ class _Match:
     is_causal: bool
 
 
-def fuse_attention(nodes: list[KeptNode], s: StaticGraph) -> tuple[list[KeptNode], dict[str, Value]]:
-    """The node list with every matched attention fused, and the values with the new ones added."""
+def fuse_attention(nodes: list[KeptNode], s: StaticGraph, opset: int) -> tuple[list[KeptNode], dict[str, Value]]:
+    """The node list with every matched attention fused, and the values with the new ones added.
+    Before opset 13 Softmax flattens its input to 2-D at `axis` (default 1): over the last axis that is
+    the same softmax, so only a last-axis Softmax matches, in every opset."""
     values = dict(s.values)
     users: dict[str, list[int]] = {}
     producer: dict[str, int] = {}
@@ -64,7 +66,7 @@ def fuse_attention(nodes: list[KeptNode], s: StaticGraph) -> tuple[list[KeptNode
     for i, k in enumerate(nodes):
         if k.node.op_type != "Softmax" or k.node.domain not in ("", "ai.onnx"):
             continue
-        m = _match(i, nodes, s, users, producer)
+        m = _match(i, nodes, s, users, producer, -1 if opset >= 13 else 1)
         if m is None or drop & set(m.nodes):
             continue
         last = m.nodes[-1]
@@ -104,11 +106,11 @@ def _scalar(x: str, s: StaticGraph) -> float | None:
         else None
 
 
-def _match(i: int, nodes: list[KeptNode], s: StaticGraph, users, producer) -> _Match | None:
+def _match(i: int, nodes: list[KeptNode], s: StaticGraph, users, producer, default_axis: int) -> _Match | None:
     softmax = nodes[i].node
     x, p = softmax.input[0], softmax.output[0]
     shape = s.values[p].shape
-    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), default_axis)
     if len(shape) != _RANK or axis % _RANK != _RANK - 1 or s.values[p].elem_type != s.values[x].elem_type:
         return None
     chain = [i]

@@ -71,9 +71,8 @@ _FUNCTIONS = (  # (op_type, attributes, reference)
 def fuse(static: StaticGraph, opset: int) -> StaticGraph:
     nodes = _fuse_bias(list(static.nodes), static)
     nodes = _fuse_regions(nodes, static, opset)
-    if opset >= 13:  # Softmax over one axis (earlier opsets flatten to 2-D)
-        nodes, values = fuse_attention(nodes, static)
-        static = replace(static, values=values)
+    nodes, values = fuse_attention(nodes, static, opset)
+    static = replace(static, values=values)
     return replace(static, nodes=tuple(nodes))
 
 
