@@ -20,7 +20,8 @@ Peak activation memory = max allocated during a timed step minus the memory held
 method was set up (weights and inputs): what a method holds between steps (memplan's arena)
 counts. Step time = median over --iters steps after warm-up (the first includes compilation).
 `check` runs first: a small GPT-2 without dropout, memplan at 60% against eager, gradients
-compared. Results: $OUT/gpu_train.json and $OUT/gpu_train.md after every method.
+compared. Every method runs in a process of its own (a crashing kernel loses that method only).
+Results: $OUT/gpu_train.json and $OUT/gpu_train.md after every method.
 """
 
 from __future__ import annotations
@@ -135,8 +136,19 @@ def check(device: str, time_limit: float) -> dict:
     return {"loss": loss.item(), "eager_loss": ref_loss.item(), "max_grad_rel_error": err, **rec}
 
 
+def method_keys(args) -> list[str]:
+    keys = [k for k in ("check", "eager", "eager_ckpt") if k in args.methods]
+    if "inductor" in args.methods:
+        keys += ["inductor", *(f"inductor_b{b:g}" for b in args.inductor_budgets)]
+    if "memplan" in args.methods:
+        keys += [f"memplan_{b}" for b in args.budgets]
+    return keys
+
+
 def run(args) -> dict:
-    from planner.runtime import backend
+    """Every method in a process of its own: a crash (a segmentation fault in a kernel) loses that
+    method only, and each starts from an empty CUDA allocator."""
+    import subprocess
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -146,27 +158,41 @@ def run(args) -> dict:
 
     out["transformers"] = transformers.__version__
     deadline = time.monotonic() + args.budget_s
-
-    def attempt(key: str, fn) -> None:
-        if time.monotonic() > deadline:
+    for key in method_keys(args):
+        left = deadline - time.monotonic()
+        if left <= 0:
             out["methods"][key] = {"skipped": "time budget"}
-            return
+            continue
         t0 = time.perf_counter()
-        torch._dynamo.reset()
-        fallbacks = backend.STATS["eager_fallbacks"]
-        try:
-            out["methods"][key] = fn()
-        except Exception as e:  # one failure must not lose the other measurements
-            out["methods"][key] = {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc(limit=6)}
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "result.json"
+            argv = [a for a in sys.argv[1:]] + ["--one", key, "--result", str(result)]
+            try:
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True,
+                                      text=True, timeout=left + 60)
+                if result.is_file():
+                    out["methods"][key] = json.loads(result.read_text())
+                else:
+                    tail = [ln for ln in proc.stderr.splitlines() if "Warning" not in ln][-12:]
+                    out["methods"][key] = {"error": f"the process ended with rc {proc.returncode} and no result",
+                                           "stderr_tail": tail}
+            except subprocess.TimeoutExpired:
+                out["methods"][key] = {"error": "time budget: the process was stopped"}
         out["methods"][key]["wall_s"] = round(time.perf_counter() - t0, 1)
-        out["methods"][key]["memplan_fallbacks"] = backend.STATS["eager_fallbacks"] - fallbacks
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        print(key, json.dumps({k: v for k, v in out["methods"][key].items() if k != "trace"}), flush=True)
+        print(key, json.dumps(out["methods"][key])[:1500], flush=True)
         write(out, args.out)
+    return out
 
-    def method(make) -> dict:
+
+def run_one(key: str, args) -> dict:
+    """One method of `run`, in this process."""
+    from planner.runtime import backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if key == "check":
+        return check(device, args.time_limit)
+
+    def measured(make) -> dict:
         model = gpt2(device, small=args.small)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
         _sync()
@@ -174,38 +200,24 @@ def run(args) -> dict:
         fn, extra = make(model)
         res = measure(model, fn, ids, args.iters, baseline)
         res.update(extra() if callable(extra) else {})
+        res["memplan_fallbacks"] = backend.STATS["eager_fallbacks"]
         return res
 
-    if "check" in args.methods:
-        attempt("check", lambda: check(device, args.time_limit))
-    if "eager" in args.methods:
-        attempt("eager", lambda: method(lambda m: (step_loss, None)))
-    if "eager_ckpt" in args.methods:
+    if key == "eager":
+        return measured(lambda m: (step_loss, None))
+    if key == "eager_ckpt":
         def ckpt(m):
             m.gradient_checkpointing_enable()
             return step_loss, None
-        attempt("eager_ckpt", lambda: method(ckpt))
-    for b in [None, *args.inductor_budgets]:
-        key = "inductor" if b is None else f"inductor_b{b:g}"
-        if "inductor" not in args.methods:
-            break
+        return measured(ckpt)
+    if key.startswith("inductor"):
+        import torch._functorch.config as fconfig
 
-        def inductor(m, b=b):
-            import torch._functorch.config as fconfig
-
-            fconfig.activation_memory_budget = 1.0 if b is None else b
-            return torch.compile(step_loss), None
-        attempt(key, lambda: method(inductor))
-    import torch._functorch.config as fconfig
-
-    fconfig.activation_memory_budget = 1.0
-    for b in args.budgets if "memplan" in args.methods else ():
-        cache = tempfile.mkdtemp(prefix="memplan_")
-
-        def ours(m, b=b, cache=cache):
-            return memplan_fn(b, args.time_limit, cache), lambda: plan_record(cache)
-        attempt(f"memplan_{b}", lambda: method(ours))
-    return out
+        fconfig.activation_memory_budget = float(key.removeprefix("inductor_b")) if "_b" in key else 1.0
+        return measured(lambda m: (torch.compile(step_loss), None))
+    budget = key.removeprefix("memplan_")
+    cache = tempfile.mkdtemp(prefix="memplan_")
+    return measured(lambda m: (memplan_fn(budget, args.time_limit, cache), lambda: plan_record(cache)))
 
 
 def write(out: dict, folder: Path) -> None:
@@ -245,10 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=60.0, help="remat solver seconds per plan")
     ap.add_argument("--budget-s", type=float, default=520.0, help="start no method after this many seconds")
     ap.add_argument("--small", action="store_true", help="a 2-layer GPT-2 (a smoke test; any device)")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # run: one method in a child process
+    ap.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.budgets = [b for b in args.budgets.split(",") if b]
     args.inductor_budgets = [float(b) for b in args.inductor_budgets.split(",") if b]
     args.methods = set(args.methods.split(","))
+    if args.one:
+        try:
+            res = run_one(args.one, args)
+        except Exception as e:  # recorded as this method's result; the others go on
+            res = {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc(limit=6)}
+        Path(args.result).write_text(json.dumps(res, default=str))
+        return 0
     run(args)
     return 0
 
