@@ -1,9 +1,14 @@
 """GPT-2 small training steps on one GPU: what PyTorch offers against the memplan backend with a budget.
 
-One call of the device tool does the whole measurement (plans are made there: the joint graph
-depends on the device's attention kernels, so the solver travels as wheels, see bench/README):
+One call of the device tool does the whole measurement. Plans are made there (the joint graph
+depends on the device's attention kernels), so the solver travels as wheels for its Python 3.12:
+here `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux_2_28_x86_64 -d .whl ortools==9.15.* "protobuf==6.33.*" immutabledict` (absl-py, numpy,
+pandas are there), and the committed tree as `.snap` (`git archive HEAD | tar -x -C .snap`, both in
+.git/info/exclude, both carried); there:
 
-    python bench/gpu_train.py [--out DIR] [--budgets 6000MiB,3000MiB] [--batch 8 --seq 1024]
+    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    cd .snap && python3 bench/gpu_train.py --out $OUT [--budgets 6000MiB,3000MiB] [--batch 8 --seq 1024]
 
 Model: transformers' GPT2LMHeadModel(GPT2Config()) with random weights, train mode (dropout 0.1
 as configured), batch 8 x 1024 tokens. One step = forward, the causal-LM loss (cross-entropy of
