@@ -263,15 +263,22 @@ def test_stage_bound_proves_an_over_full_stage_infeasible():
     assert gap_lp_bound(p, 40) == 0.0
 
 
+def at_80_percent(n: int, seed: int):
+    """A random layered graph, its problem, 80% of its reference peak and the split greedy's sequences
+    that fit that budget."""
+    g = random_layered(n, seed=seed)
+    p = build_problem(g, TARGET)
+    budget = int(remat.reference_peak(g, TARGET) * 0.8)
+    fits = [s for s in remat.split_portfolio(p, budget) if remat_plan.peak(g, TARGET, s) <= budget]
+    return g, p, budget, fits
+
+
 @pytest.mark.parametrize("n", [250, 500])
 def test_split_greedy_gets_large_layered_graphs_under_80_percent(n):
     # the eviction greedy gets stuck on RL500 at 80% (a depth-first recompute chain pins 12 of
     # 13.5 MB); the splitter's portfolio finds plans in seconds
-    g = random_layered(n, seed=0)
-    p = build_problem(g, TARGET)
-    budget = int(remat.reference_peak(g, TARGET) * 0.8)
+    g, p, budget, seqs = at_80_percent(n, seed=0)
     assert remat_heuristics.greedy(p, budget) is None or n == 250
-    seqs = [s for s in remat.split_portfolio(p, budget) if remat_plan.peak(g, TARGET, s) <= budget]
     assert seqs
     best = min(seqs, key=lambda s: remat_plan.recompute_flops(g, s))
     total = sum(op.flops for op in g.ops)
@@ -281,11 +288,8 @@ def test_split_greedy_gets_large_layered_graphs_under_80_percent(n):
 
 
 def test_solve_improves_on_the_split_hint_and_reports_a_bound():
-    g = random_layered(250, seed=0)
-    p = build_problem(g, TARGET)
-    budget = int(remat.reference_peak(g, TARGET) * 0.8)
-    hint_cost = min(remat_plan.recompute_flops(g, s) for s in remat.split_portfolio(p, budget)
-                    if remat_plan.peak(g, TARGET, s) <= budget)
+    g, _, budget, fits = at_80_percent(250, seed=0)
+    hint_cost = min(remat_plan.recompute_flops(g, s) for s in fits)
     got = remat.solve(g, TARGET, budget=budget, time_limit=15)
     assert check(g, got.plan, TARGET).metrics["peak_bytes"] <= budget
     assert got.cost <= hint_cost
@@ -303,9 +307,7 @@ def test_least_heuristic_budget_has_a_plan():
 def test_lns_is_never_worse_than_its_start_and_keeps_the_budget():
     from formulations import remat_cpsat, remat_lns
 
-    g = random_layered(150, seed=1)
-    p = build_problem(g, TARGET)
-    budget = int(remat.reference_peak(g, TARGET) * 0.8)
+    g, p, budget, _ = at_80_percent(150, seed=1)
     starts = [remat_cpsat.model_order(p, s) for s in remat.split_portfolio(p, budget)]
     start = max((s for s in starts if remat_plan.peak(g, TARGET, s) <= budget),
                 key=lambda s: remat.sequence_cost(p, s))  # the worst start leaves room to improve
@@ -318,11 +320,8 @@ def test_lns_is_never_worse_than_its_start_and_keeps_the_budget():
 
 
 def test_auto_runs_lns_on_500_nodes():
-    g = random_layered(500, seed=0)
-    p = build_problem(g, TARGET)
-    budget = int(remat.reference_peak(g, TARGET) * 0.8)
-    split_best = min(remat.sequence_cost(p, s) for s in remat.split_portfolio(p, budget)
-                     if remat_plan.peak(g, TARGET, s) <= budget)
+    g, p, budget, fits = at_80_percent(500, seed=0)
+    split_best = min(remat.sequence_cost(p, s) for s in fits)
     got = remat.solve(g, TARGET, budget=budget, time_limit=25)
     assert got.plan.solver.formulation == "remat:lns"
     assert got.cost <= split_best

@@ -127,10 +127,13 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
         STATS["eager_fallbacks"] += 1
         print(f"memplan: {name}: {e}; training through AOTAutograd's partition instead", file=sys.stderr)
         return None
+    return (lambda *args: step(*args)[0]) if _returns_bare_tensor(gm) else step
+
+
+def _returns_bare_tensor(gm: torch.fx.GraphModule) -> bool:
+    """A graph returning one tensor, not a tuple: its runner returns that one output."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
-        return lambda *args: step(*args)[0]
-    return step
+    return isinstance(out_node.args[0], torch.fx.Node)
 
 
 def _static_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> set[int]:
@@ -195,8 +198,7 @@ def _build_runner(gm, example_inputs, opts: BackendOptions, static: set[int], na
     plan = plan_cached(lowered.graph, opts, device)
     with unset_fake_temporarily():  # AOT compiles under a fake mode; the arena must be real memory
         ex = Executor.from_lowered(lowered, plan, device)
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if isinstance(out_node.args[0], torch.fx.Node):  # a graph returning one bare tensor
+    if _returns_bare_tensor(gm):
         return lambda *args: ex.run(*args)[0]
     constants = dict(getattr(lowered, "output_constants", {}))
     if not constants:

@@ -69,10 +69,6 @@ class TrainingStep:
                     "without gradients, e.g. updated BatchNorm statistics, are not supported here)")
         return None
 
-    @property
-    def arena_bytes(self) -> int:
-        return self.executor.arena_bytes
-
     def forward(self, primals: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
         if self._pending:
             raise ReplayError(f"{self.executor.graph.name}: a second forward before the backward of the "
