@@ -309,10 +309,11 @@ class _Lowering:
                 if on_device and (val.device.type in ("cpu", "meta") or pos in runtime_device)]
         if host:  # results whose device the kernel picks at run time: kept as it returns them
             attrs["host_outputs"] = host
+        if torch.Tag.nondeterministic_seeded in target.tags:  # recomputed with its first run's numbers
+            attrs["random"] = True
         self.gb.op(node.name, op_name, in_ids, outs,
                    flops=0.0 if is_view else _flops(node, target, results),
                    elementwise=torch.Tag.pointwise in target.tags or op_name == "aten.hardswish.default",
-                   recomputable=torch.Tag.nondeterministic_seeded not in target.tags,
                    attrs=attrs)
 
     def _aliased_input(self, node, schema, op_name: str, pos: int) -> int | None:

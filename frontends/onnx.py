@@ -174,10 +174,11 @@ class _Lowering:
             attrs["domain"] = node.domain
         if fused_from:
             attrs["fused_from"] = list(fused_from)
+        if view_of is None and op in _RANDOM_OPS:  # recomputed with its first run's numbers (planner.runtime.rng)
+            attrs["random"] = True
         flops = 0.0 if view_of is not None else _flops(node, [v[x] if x else None for x in node.input],
                                                        v[node.output[0]])
-        self.gb.op(name, op, in_ids, out_ids, flops=flops, elementwise=op in ELEMENTWISE_OPS,
-                   recomputable=view_of is not None or op not in _RANDOM_OPS, attrs=attrs)
+        self.gb.op(name, op, in_ids, out_ids, flops=flops, elementwise=op in ELEMENTWISE_OPS, attrs=attrs)
 
 
 def _flops(node: onnx.NodeProto, ins: list[Value | None], out: Value) -> float:

@@ -25,8 +25,10 @@ a gradient output (PyTorch's `required_bw_nodes` in
 torch._functorch.partitioners.classify_nodes), "forward" otherwise; forward ops
 that only the backward reads (a ReLU mask, a transposed weight) are forward
 here, and where they run is the partition's business. Ops that draw random
-numbers are not recomputable (the fx frontend's nondeterministic_seeded tag on
-ATen ops, plus the rng op names below for ops outside ATen: philox, seeds). `saved_for_backward` lists
+numbers carry attrs["random"] (the fx frontend's nondeterministic_seeded tag on ATen
+ops, plus the rng op names below for ops outside ATen: philox, seeds): a plan may
+recompute them, and the executor runs a recompute with the generator state of the
+first run (planner.runtime.rng), as torch.utils.checkpoint does. `saved_for_backward` lists
 the storage (root tensors) that forward ops write and backward ops read.
 
 `TrainingGraph.pytorch_partition(budget)` runs PyTorch's own min-cut partition
@@ -287,8 +289,8 @@ def _tag(lowered: Lowered, n_primals: int, num_fwd_outputs: int) -> tuple[Lowere
     for op in g.ops:  # program order is topological: one pass closes over successors
         if op.id in backward:
             backward.update(g.successors[op.id])
-    ops = tuple(replace(op, recomputable=op.recomputable and not _draws_random(op.op_type),
-                        attrs={**op.attrs, "phase": "backward" if op.id in backward else "forward"})
+    ops = tuple(replace(op, attrs={**op.attrs, "phase": "backward" if op.id in backward else "forward",
+                                   **({"random": True} if _draws_random(op.op_type) else {})})
                 for op in g.ops)
     graph = LifetimeGraph(g.name, g.tensors, ops)
     saved = sorted({g.root(t) for op in g.ops if op.id in backward for t in op.inputs

@@ -13,7 +13,9 @@ a graph without phases has no forward pass to checkpoint and they return None.
 The sequence of a checkpoint set runs the program order; in the backward pass a forward
 tensor that is neither checkpointed nor recomputed yet is recomputed right before its first
 backward reader (its own missing inputs first) and kept until its last reader. Ops that cannot
-be recomputed (random ones) are always checkpoints.
+be recomputed are always checkpoints; random ones are recomputed with their first run's numbers,
+as torch.utils.checkpoint does (preserve_rng_state). PyTorch's partition recomputes them with
+fresh numbers instead (wrong gradients), so its sequences that do are left out.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def best_within(graph: LifetimeGraph, target: Target, budget: int,
     """The candidate with the least recompute FLOPs whose peak is within `budget`."""
     best, best_cost = None, math.inf
     for seq in candidates:
-        if seq is None or remat_plan.peak(graph, target, seq) > budget or recomputes_random(graph, seq):
+        if seq is None or remat_plan.peak(graph, target, seq) > budget:
             continue
         cost = remat_plan.recompute_flops(graph, seq)
         if cost < best_cost:
@@ -109,7 +111,7 @@ def recomputes_random(graph: LifetimeGraph, sequence: Sequence[Item]) -> bool:
     backward pass: wrong gradients; PyTorch's partition does this below budget 1, pytorch#190758)."""
     seen: set[int] = set()
     for item in sequence:
-        if isinstance(item, int) and not graph.ops[item].recomputable:
+        if isinstance(item, int) and graph.ops[item].attrs.get("random"):
             if item in seen:
                 return True
             seen.add(item)
@@ -136,4 +138,5 @@ def pytorch_minimal(partition: Callable[[float], Sequence[Item]], graph: Lifetim
                                                                  0.1, 0.05, 0.0)) -> list[Item] | None:
     """PyTorch's min-cut partition at each activation_memory_budget of `fractions`; the cheapest
     sequence within the peak budget."""
-    return best_within(graph, target, budget, (list(partition(f)) for f in fractions))
+    return best_within(graph, target, budget, (seq for f in fractions
+                                               if not recomputes_random(graph, seq := list(partition(f)))))

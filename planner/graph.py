@@ -42,7 +42,7 @@ class Op:
     outputs: tuple[int, ...]  # tensor ids produced
     flops: float = 0.0  # arithmetic cost, for recompute and time estimates
     inplace_inputs: tuple[int, ...] = ()  # inputs whose buffer an output may take over at their last use
-    recomputable: bool = True  # False for ops with side effects or randomness
+    recomputable: bool = True  # False for side effects; random ops (attrs["random"]) replay their numbers
     attrs: Mapping[str, Any] = field(default_factory=dict)  # JSON-able data a replay needs
 
 

@@ -180,15 +180,15 @@ def test_flops_of_forward_and_backward_ops():
             assert op.flops == max(numel[t] for t in op.inputs), op.name
 
 
-def test_random_ops_are_not_recomputable():
+def test_random_ops_are_marked_random_and_recomputable():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
     tg = lower_training(module, (torch.randn(4, 8),))
     g = tg.graph
-    random = [op for op in g.ops if not op.recomputable]
+    random = [op for op in g.ops if op.attrs.get("random")]
     assert [op.op_type for op in random] == ["aten.native_dropout.default"]
-    assert random[0].attrs["phase"] == "forward"
-    # outside ATen (no tags) names decide: philox sampling does not recompute, a mask's backward does
+    assert random[0].attrs["phase"] == "forward" and random[0].recomputable  # the executor replays its numbers
+    # outside ATen (no tags) names decide: philox sampling draws, a mask's backward does not
     assert _draws_random("rngprims.philox_rand.default") and not _draws_random("aten.native_dropout_backward.default")
     assert collections.Counter(tg.pytorch_partition(1.0))[random[0].id] == 1
     # at budget 0 PyTorch recomputes it all the same, with a fresh mask (pytorch/pytorch#190758, open in

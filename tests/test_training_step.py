@@ -48,6 +48,35 @@ def test_two_steps_at_the_minimum_budget_accumulate_eager_gradients():
     assert_same_grads(params, ref)
 
 
+def test_dropout_recomputed_in_the_backward_draws_its_forward_mask():
+    """At the least budget the plan recomputes the dropout op for the backward phase; the executor
+    replays the generator state of its forward run, so the step equals eager's with the same seed
+    (same mask), and the numbers drawn after the step are the ones eager leaves behind."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 256), nn.Tanh(),
+                           nn.Dropout(0.3), nn.Linear(256, 4))
+    x = torch.randn(32, 16)
+    tg = lower_training(module, (x,), name="dropout_mlp")
+    res = remat.solve(tg.graph, TARGET, budget=remat.minimum_budget(tg.graph, TARGET), time_limit=30)
+    seq = [i.ref for i in res.plan.instructions if i.kind == "compute"]
+    random = [op.id for op in tg.graph.ops if op.attrs.get("random")]
+    assert len(random) == 2 and any(seq.count(o) == 2 for o in random)  # a dropout op runs twice
+    step = TrainingStep(tg, res.plan)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    ref = copy.deepcopy(module)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        (loss,) = step(*params, x)
+        loss.backward()
+        after = torch.rand(3)
+        torch.manual_seed(seed)
+        ref_loss = ref(x).mean()
+        ref_loss.backward()
+        assert torch.equal(after, torch.rand(3))
+        assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert_same_grads(params, ref)
+
+
 def test_a_second_forward_before_the_backward_is_refused():
     module, x = mlp(), torch.randn(8, 16)
     tg = lower_training(module, (x,), name="mlp")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +41,7 @@ from planner.graph import LifetimeGraph
 from planner.plan import Plan
 from planner.runtime import aten_ops, onnx_ops
 from planner.runtime.aten_ops import Dyn, ReplayError
+from planner.runtime.rng import RngReplay
 from planner.target import align_up
 
 Access = tuple[str, int, int, bool]  # (space "arena" | "offchip", lo, hi, writes)
@@ -302,6 +304,9 @@ class Executor:
         steps: list[_Step] = []
         self._step_phase: list[int] = []
         loaded_later = {i.ref for i in self.plan.instructions if i.kind == "load"}
+        computes = Counter(i.ref for i in self.plan.instructions if i.kind == "compute")
+        self._rerun = {o for o, k in computes.items() if k > 1 and self.graph.ops[o].attrs.get("random")}
+        self._rng = RngReplay(self.device) if self._rerun else None
         phase = 0
         for step_index, ins in enumerate(self.plan.instructions):
             self._step_index = step_index
@@ -356,6 +361,8 @@ class Executor:
         else:
             bound = aten_ops.bind_compute(op.name, op.attrs, args, kwargs, outs, self.device.type, self._dyn)
             fn, how = bound.run, bound.how
+        if op.id in self._rerun:  # a random op run again: the numbers of its first run
+            fn = self._rng.wrap(fn, op.id, op.name)
         self._counts["kernels"] += 1
         key = {"out": "out_kernels", "direct": "out_kernels", "composite": "composite_out",
                "fallback": "fallback_copies"}[how]
