@@ -71,7 +71,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, fn, ids: torch.Tensor, iters: int, baseline: int) -> dict:
+def measure(model, fn, ids: torch.Tensor, iters: int, baseline: int, profile_to: Path | None = None) -> dict:
     def one() -> float:
         _sync()
         t0 = time.perf_counter()
@@ -90,9 +90,27 @@ def measure(model, fn, ids: torch.Tensor, iters: int, baseline: int) -> dict:
         one()
         peak = torch.cuda.max_memory_allocated() - baseline
     times = [one() for _ in range(iters)]
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "peak_activation_mib": None if peak is None else round(peak / MIB, 1),
-            "first_step_s": round(first, 1), "warmup_s": round(warm_s, 1), "iters": iters}
+    res = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+           "peak_activation_mib": None if peak is None else round(peak / MIB, 1),
+           "first_step_s": round(first, 1), "warmup_s": round(warm_s, 1), "iters": iters}
+    if profile_to is not None and torch.cuda.is_available():
+        res.update(profiled(one, profile_to))
+    return res
+
+
+def profiled(one, path: Path) -> dict:
+    """One more step under torch.profiler: the GPU's busy time (kernels and copies; the median step
+    minus it is time the GPU waited for the host) and the ops by device and by host time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one()
+    ops = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in ops if e.device_type == torch.autograd.DeviceType.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ops.table(sort_by="self_device_time_total", row_limit=40) + "\n\n"
+                    + ops.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+    return {"gpu_busy_ms": round(busy_us / 1e3, 1), "profile": path.name}
 
 
 def memplan_fn(budget: str, time_limit: float, cache: str):
@@ -207,7 +225,8 @@ def run_one(key: str, args) -> dict:
         _sync()
         baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
         fn, extra = make(model)
-        res = measure(model, fn, ids, args.iters, baseline)
+        res = measure(model, fn, ids, args.iters, baseline,
+                      args.out / f"profile_{key}.txt" if key in args.profile else None)
         res.update(extra() if callable(extra) else {})
         res["memplan_fallbacks"] = backend.STATS["eager_fallbacks"]
         return res
@@ -265,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--time-limit", type=float, default=60.0, help="remat solver seconds per plan")
     ap.add_argument("--budget-s", type=float, default=520.0, help="start no method after this many seconds")
+    ap.add_argument("--profile", default="", help="methods to profile one more step of (CUDA): "
+                    "$OUT/profile_<method>.txt and the GPU's busy time")
     ap.add_argument("--small", action="store_true", help="a 2-layer GPT-2 (a smoke test; any device)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # run: one method in a child process
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
@@ -272,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args.budgets = [b for b in args.budgets.split(",") if b]
     args.inductor_budgets = [float(b) for b in args.inductor_budgets.split(",") if b]
     args.methods = set(args.methods.split(","))
+    args.profile = set(args.profile.split(","))
     if args.one:
         try:
             res = run_one(args.one, args)

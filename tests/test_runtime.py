@@ -435,3 +435,21 @@ def test_cuda_backend_inference():
         ref = model(x)
         out = torch.compile(model, backend="memplan", options={"planner": "baseline", "cache": False})(x)
     assert max_rel_error((out,), (ref,)) <= 1e-3
+
+
+@pytest.mark.parametrize("target,args", [
+    ("aten.slice_backward.default", (torch.randn(4, 5, 7), [4, 9, 7], 1, 2, 7, 1)),
+    ("aten.slice_backward.default", (torch.randn(4, 3, 7), [4, 9, 7], 1, 1, 9, 3)),
+    ("aten.mul.Scalar", (torch.randn(3, 4), 0.125)),
+    ("aten.mul.Scalar", (torch.arange(12).reshape(3, 4), 3)),
+    ("aten.relu.default", (torch.randn(5, 6),)),
+])
+def test_direct_writers_equal_the_aten_op(target, args):
+    """Ops whose out= variant ATen only emulates are written into their buffer directly; the
+    buffer holds garbage before (an arena is reused), and after it exactly what the op returns."""
+    from planner.runtime import aten_ops
+
+    ref = aten_ops.op_by_name(target)(*args)
+    out = torch.full_like(ref, 7)
+    aten_ops._DIRECT[target]([out], "cpu")(list(args), {})
+    assert torch.equal(out, ref)

@@ -183,6 +183,18 @@ def _relu(outs, dev):  # ATen's relu is clamp_min(x, 0); its out= variant is onl
     return lambda a, k: torch.clamp_min(a[0], 0, out=outs[0])
 
 
+def _slice_backward(outs, dev):  # zeros with the gradient in the slice; the out= variant is only emulated
+    def run(a, k):
+        grad, _, dim, start, end, step = a[:6]
+        outs[0].zero_()
+        torch.ops.aten.slice.Tensor(outs[0], dim, start, end, step).copy_(grad)
+    return run
+
+
+def _mul_scalar(outs, dev):  # mul.Scalar's out= variant is emulated; mul.out takes the scalar wrapped
+    return lambda a, k: torch.mul(a[0], a[1], out=outs[0])
+
+
 def _fill(pos: int):
     def factory(outs, dev):
         return lambda a, k: outs[0].fill_(k["fill_value"] if "fill_value" in k else a[pos])
@@ -271,6 +283,8 @@ _DIRECT: dict[str, Callable[[Sequence[torch.Tensor], str], Writer | None]] = {
     "aten.alias_copy.default": _copy,
     "aten.copy.default": _copy_into,
     "aten.relu.default": _relu,
+    "aten.slice_backward.default": _slice_backward,
+    "aten.mul.Scalar": _mul_scalar,
     "aten.full.default": _fill(1),
     "aten.full_like.default": _fill(1),
     "aten.scalar_tensor.default": _fill(0),
