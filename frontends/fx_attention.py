@@ -74,6 +74,85 @@ def fuse_attention(graph, constant_value: ConstantValue) -> int:
     return fused
 
 
+# SDPA kernels that take a mask: op -> (mask argument, grad_input_mask position of the mask's gradient)
+_MASKED_SDPA = {
+    "aten.scaled_dot_product_attention.default": ("attn_mask", None),
+    "aten._scaled_dot_product_efficient_attention.default": ("attn_bias", None),
+    "aten._scaled_dot_product_efficient_attention_backward.default": ("attn_bias", 3),
+    "aten._scaled_dot_product_flash_attention_for_cpu.default": ("attn_mask", None),
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default": ("attn_mask", None),
+    "aten._scaled_dot_product_cudnn_attention.default": ("attn_bias", None),
+    "aten._scaled_dot_product_cudnn_attention_backward.default": ("attn_bias", None),
+}
+
+
+def causal_masks(graph, constant_value: ConstantValue) -> int:
+    """SDPA calls whose mask is input-independent and exactly ATen's top-left causal mask (boolean:
+    True on and below the diagonal; additive: 0 there and -inf, or the dtype's lowest value, above)
+    become is_causal=True without a mask; returns how many. Libraries build such masks when they
+    trace (transformers does under torch.compile before torch 2.14); the kernels then read a
+    batch x L x S bias and skip no masked block (GPT-2 small, batch 8, sequence 1024 on an H100:
+    memory-efficient attention's forward 1.1 ms instead of 0.64, its backward 2.4 instead of 1.4).
+    A backward that computes the mask's gradient keeps it."""
+    import torch
+
+    changed, masks = 0, set()
+    for node in [n for n in graph.nodes if _target(n) in _MASKED_SDPA]:
+        mask_name, grad_slot = _MASKED_SDPA[_target(node)]
+        args = _named_args(node)
+        mask = args.get(mask_name)
+        if not isinstance(mask, torch.fx.Node) or args.get("is_causal") or not _is_causal_mask(mask, constant_value):
+            continue
+        if grad_slot is not None:
+            if any(u.target is operator.getitem and u.args[1] == grad_slot and u.users for u in node.users):
+                continue
+            args["grad_input_mask"] = [*args["grad_input_mask"][:grad_slot], False,
+                                       *args["grad_input_mask"][grad_slot + 1:]]
+        args[mask_name], args["is_causal"] = None, True
+        schema = node.target._schema.arguments
+        node.args = tuple(args[a.name] for a in schema if not a.kwarg_only)
+        node.kwargs = {a.name: args[a.name] for a in schema if a.kwarg_only and a.name in args}
+        masks.add(mask)
+        changed += 1
+    for mask in masks:
+        _erase_dead(graph, mask)
+    return changed
+
+
+def _named_args(node) -> dict:
+    """The call's arguments by schema name (defaults filled in)."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
+def _is_causal_mask(mask, constant_value: ConstantValue) -> bool:
+    import torch
+
+    shape = tuple(_val(mask).shape)
+    while _target(mask) == "aten.expand.default":  # broadcasting: the pattern is the source's
+        mask = mask.args[0]
+    value = constant_value(mask)
+    if not isinstance(value, torch.Tensor) or len(shape) < 2:
+        return False
+    allowed = torch.ones(shape[-2:], dtype=torch.bool).tril().broadcast_to(shape)
+    try:
+        value = value.broadcast_to(shape)
+    except RuntimeError:
+        return False
+    if value.dtype == torch.bool:
+        return bool(torch.equal(value, allowed))
+    if not value.is_floating_point():
+        return False
+    return bool(torch.equal(value == 0, allowed)) and bool((value[~allowed] <= torch.finfo(value.dtype).min).all())
+
+
 def _target(node) -> str:
     return str(node.target) if getattr(node, "op", None) == "call_function" else ""
 

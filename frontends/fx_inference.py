@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from frontends.fx_attention import fuse_attention
+from frontends.fx_attention import ConstantValue, causal_masks, fuse_attention
 from frontends.fx_fuse import fuse_gelu
 
 _CONV = "aten.convolution.default"
@@ -118,9 +118,16 @@ def rewrite(graph, constant_of: ConstantOf, passes: InferenceRewrites) -> dict[s
     if passes.fuse_gelu:
         fuse_gelu(graph)
     if passes.fuse_attention:
-        constant, values = _input_independent(graph), {}
-        fuse_attention(graph, lambda node: _evaluate(node, constant, values) if node in constant else None)
+        fuse_attention(graph, constant_values(graph))
+        causal_masks(graph, constant_values(graph))
     return new
+
+
+def constant_values(graph) -> ConstantValue:
+    """node -> its value when it depends on no input, no weight and no random op (evaluated on the
+    CPU, memoised), else None."""
+    constant, values = _input_independent(graph), {}
+    return lambda node: _evaluate(node, constant, values) if node in constant else None
 
 
 def _target(node) -> str:

@@ -215,3 +215,55 @@ def test_models_fuse_every_attention_in_both_frontends(name):
     attention = [o for o in onnx_lo.graph.ops if o.op_type == "Attention"]
     assert len(attention) == len(fused) and not [o for o in onnx_lo.graph.ops if o.op_type == "Softmax"]
     assert max_rel_error(replay(onnx_lo, args), want) <= 1e-5
+
+
+class MaskedSDPA(nn.Module):
+    """SDPA with a mask built from positions inside the model, as libraries build one when they trace."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.unflatten(-1, (H, D)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        pos = torch.arange(n, device=x.device)
+        allowed = pos[None, :] <= pos[:, None]
+        if self.kind == "window":  # not causal: only the last two positions
+            allowed = allowed & (pos[:, None] - pos[None, :] < 2)
+        mask = allowed[None, None].expand(b, 1, n, n)
+        if self.kind == "additive_min":
+            mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        elif self.kind in ("additive", "window"):
+            mask = torch.where(mask, 0.0, float("-inf"))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "additive_min", "window"])
+def test_traced_causal_masks_become_is_causal(kind):
+    """A training graph keeps SDPA as one kernel (forward and backward): a causal mask computed from
+    positions becomes is_causal=True in both, other masks stay; either way the step gives eager's
+    results."""
+    from formulations import remat
+    from frontends.training import lower_training
+    from planner.runtime.training import TrainingStep
+
+    torch.manual_seed(0)
+    module, x = MaskedSDPA(kind), torch.randn(B, L, H * D)
+    causal = kind != "window"
+    tg = lower_training(module, (x,), name=f"masked_{kind}")
+    kernels = [n for n in tg.joint_module.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert len(kernels) == 2  # forward and backward
+    for n in kernels:
+        mask = n.kwargs.get("attn_mask", n.args[3] if "efficient" in str(n.target) else None)
+        assert (mask is None and True in (*n.args, *n.kwargs.values())) == causal, n.format_node()
+    step = TrainingStep(tg, remat.solve(tg.graph, T64, budget=1.0, time_limit=10).plan)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    (loss,) = step(*params, x)
+    loss.backward()
+    ref = module(x).float().mean()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for p, q in zip(params, module.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max()
