@@ -157,8 +157,14 @@ def lower_joint(fn: Callable[..., Any], primals: Sequence[Any], weight_inputs: C
     from torch._functorch.aot_autograd import aot_function
 
     from frontends.fx import lower_graph_module
+    from frontends.fx_fuse import fuse_gelu
 
     primals = tuple(primals)
+    if isinstance(fn, torch.fx.GraphModule):  # GELU spelled out: one op, so its backward is one op too
+        fused = _copy_module(fn)
+        if fuse_gelu(fused.graph):
+            fused.recompile()
+            fn = fused
     captured: dict[str, Any] = {}
 
     def record_joint(joint, joint_inputs, **kwargs):

@@ -133,6 +133,45 @@ def test_gelu_tanh_replays_through_its_out_kernel():
     assert max_rel_error((out,), (GeluNew().act(x),)) <= 1e-5
 
 
+@pytest.mark.parametrize(("cls", "fused"), [(GeluNew, True), (ErfGelu, True), (NotGelu, False)])
+def test_training_graphs_fuse_gelu_before_differentiating(cls, fused):
+    """Through torch.compile, GELU spelled out in the Dynamo graph becomes one gelu whose backward is
+    one gelu_backward; the step's gradients are eager's (arithmetic GELU) within float rounding."""
+    pytest.importorskip("ortools")
+    from formulations import remat
+    from frontends.training import lower_joint
+    from planner.runtime.training import TrainingStep
+
+    torch.manual_seed(0)
+    module, x = cls(), torch.randn(2, 5, 16)
+    captured = {}
+
+    def backend(gm, example_inputs):
+        from planner.runtime.backend import _static_inputs
+
+        captured["tg"] = lower_joint(gm, example_inputs, _static_inputs(gm, example_inputs), name=cls.__name__)
+        return gm.forward
+    torch.compile(lambda m, x: m(x).sum(), backend=backend)(module, x)
+    tg = captured["tg"]
+    ops = Counter(op.op_type for op in tg.graph.ops)
+    assert (ops["aten.gelu.default"], ops["aten.gelu_backward.default"]) == ((1, 1) if fused else (0, 0))
+    assert ops["aten.tanh.default"] + ops["aten.erf.default"] == (0 if fused else 1)
+    step = TrainingStep(tg, remat.solve(tg.graph, T64, budget=1.0, time_limit=10).plan)
+    n_primals = sum(not name.startswith("tangent") for name in tg.input_names)
+    primals = [p.detach().clone().requires_grad_() if i in tg.weight_inputs else p
+               for i, p in enumerate(tg.joint_inputs[:n_primals])]
+    (loss,) = step(*primals)
+    loss.backward()
+    ref = module(x).sum()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    by_ptr = {q.data_ptr(): q for q in module.parameters()}
+    assert len(tg.weight_inputs) == len(by_ptr)
+    for i in tg.weight_inputs:
+        q = by_ptr[tg.joint_inputs[i].data_ptr()]
+        assert (primals[i].grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max()
+
+
 class MaskedScores(nn.Module):
     """Attention scores plus an additive mask built from factories alone, as transformers'
     create_bidirectional_mask does under torch.export: all zeros when `causal` is False."""
