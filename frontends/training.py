@@ -273,18 +273,21 @@ def _count_tangents(gm) -> int:
 
 def _clean_joint(gm):
     """DCE and CSE as min_cut_rematerialization_partition applies them, with plain (flat) placeholders;
-    causal masks of attention as is_causal (frontends.fx_attention.causal_masks)."""
+    causal masks of attention as is_causal (frontends.fx_attention.causal_masks), the cross-entropy
+    backward in two-logits steps (frontends.fx_loss)."""
     import torch
     from torch._functorch import config
     from torch._functorch.compile_utils import fx_graph_cse
 
     from frontends.fx_attention import causal_masks
     from frontends.fx_inference import constant_values
+    from frontends.fx_loss import split_cross_entropy_backward
 
     gm.graph.eliminate_dead_code()  # the graph is ours: the trace stopped before anything else saw it
     graph = fx_graph_cse(gm.graph) if config.cse else copy.deepcopy(gm.graph)
     graph._codegen = torch.fx.graph.CodeGen()  # AOT's pytree codegen takes ([primals], [tangents])
     causal_masks(graph, constant_values(graph))  # a traced causal mask -> is_causal (fused kernels skip blocks)
+    split_cross_entropy_backward(graph)  # never three logits-sized tensors at once
     return torch.fx.GraphModule(gm, graph)
 
 

@@ -337,3 +337,49 @@ def test_cli_training_compile_check_inspect(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["valid"] is True
     assert main(["replay", str(plan), spec]) == 2
     assert "replay of training graphs is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_backward_never_holds_three_logits(reduction):
+    """frontends.fx_loss: nll_loss_backward -> _log_softmax_backward_data becomes exp, mul and
+    scatter_add; no op then reads or writes more than two logits-sized tensors, and the gradients
+    (ignored targets included) are eager's."""
+    pytest.importorskip("ortools")
+    from formulations import remat
+    from planner.bounds import op_working_set
+    from planner.runtime.training import TrainingStep
+    from planner.target import get_target
+
+    torch.manual_seed(0)
+    n, v = 24, 300
+    head = nn.Linear(16, v)
+    target = torch.randint(0, v, (n,))
+    target[::5] = -100  # ignored rows get no gradient
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+            self.register_buffer("target", target)
+
+        def forward(self, x):
+            out = nn.functional.cross_entropy(self.head(x), self.target, reduction=reduction)
+            return out if reduction != "none" else out.sum()
+
+    module, x = Loss(), torch.randn(n, 16)
+    tg = lower_training(module, (x,), loss=lambda out: out)
+    kinds = collections.Counter(op.op_type for op in tg.graph.ops)
+    assert kinds["aten.nll_loss_backward.default"] == kinds["aten._log_softmax_backward_data.default"] == 0
+    assert kinds["aten.scatter_add.default"] == 1
+    logits = n * v * 4
+    target64 = get_target("cpu", capacity=None)
+    assert max(op_working_set(tg.graph, op.id, False, 1) for op in tg.graph.ops) < 2.5 * logits
+    step = TrainingStep(tg, remat.solve(tg.graph, target64, budget=1.0, time_limit=10).plan)
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    (loss,) = step(*params, module.target, x)
+    loss.backward()
+    ref = module(x)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for p, q in zip(params, module.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max()

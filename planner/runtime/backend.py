@@ -10,7 +10,8 @@ torch.compile hands `options` to a registered backend as the keyword argument
   training   with a `budget` (options={"budget": 0.5 | "80%" | "6GiB"}): the joint forward +
              backward graph (frontends.training.lower_joint) gets one rematerialisation plan
              (formulations.remat: keep, recompute or reload what the backward reads, under
-             the peak budget) and runs as one TrainingStep (planner.runtime.training): its
+             the peak budget; a size covers the gradients the step returns too, so the
+             plan's share is the size less their bytes) and runs as one TrainingStep (planner.runtime.training): its
              forward phase in the compiled call, its backward phase in loss.backward();
              without a budget, through AOTAutograd's default partition: the forward and
              the backward graphs are each lowered, planned and replayed like inference.
@@ -118,7 +119,7 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
         if reason:  # before any solve
             raise ReplayError(reason)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        plan = plan_cached(tg.graph, opts, device, planner="remat", budget=opts.budget)
+        plan = plan_cached(tg.graph, opts, device, planner="remat", budget=_plan_budget(tg, opts.budget))
         with unset_fake_temporarily():
             step = TrainingStep(tg, plan, device)
     except (FrontendError, ReplayError, PlanError, PlanFileError, ImportError, ValueError) as e:
@@ -128,6 +129,29 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
         print(f"memplan: {name}: {e}; training through AOTAutograd's partition instead", file=sys.stderr)
         return None
     return (lambda *args: step(*args)[0]) if _returns_bare_tensor(gm) else step
+
+
+def _plan_budget(tg, budget: str | float | int) -> str | float | int:
+    """A size budget covers the step's memory beyond weights and inputs: the gradients it returns are
+    fresh tensors beside the arena (they outlive the step), so the plan gets the size less their bytes.
+    A fraction stays a fraction of the joint graph's own peak."""
+    from frontends.training import flat_outputs
+    from planner.target import parse_size
+
+    if isinstance(budget, float) or (isinstance(budget, str) and budget.strip().endswith("%")):
+        return budget
+    try:
+        float(budget)
+        if isinstance(budget, str) and float(budget) <= 1:
+            return budget
+    except ValueError:
+        pass
+    size = parse_size(budget) if isinstance(budget, str) else int(budget)
+    g = tg.lowered.graph
+    grads = sum(g.tensors[t].nbytes for t in flat_outputs(tg.lowered)[tg.num_fwd_outputs:] if t is not None)
+    if size <= grads:
+        raise ValueError(f"a budget of {size} bytes is below the {grads} bytes of gradients the step returns")
+    return size - grads
 
 
 def _returns_bare_tensor(gm: torch.fx.GraphModule) -> bool:
