@@ -111,21 +111,25 @@ def test_backend_with_a_budget_trains_from_one_joint_plan(tmp_path):
 def test_a_size_budget_covers_the_gradients_the_step_returns(tmp_path):
     from planner.plan import Plan
     from planner.runtime import backend
+    from planner.runtime.aten_ops import temporary_bytes
 
     module, x = mlp(), torch.randn(8, 16)
     tg = lower_training(module, (x,), name="mlp")
     grads = sum(p.numel() * 4 for p in module.parameters())
     size = grads + 1_000_000  # room for every activation
-    assert backend._plan_budget(tg, f"{size}B") == backend._plan_budget(tg, size) == size - grads
-    assert backend._plan_budget(tg, "80%") == "80%" and backend._plan_budget(tg, 0.8) == 0.8
+    cpu = torch.device("cpu")
+    beside = grads + temporary_bytes(tg.graph, "cpu")
+    assert backend._plan_budget(tg, f"{size}B", cpu) == backend._plan_budget(tg, size, cpu) == size - beside
+    assert backend._plan_budget(tg, "80%", cpu) == "80%" and backend._plan_budget(tg, 0.8, cpu) == 0.8
     with pytest.raises(ValueError, match="gradients"):
-        backend._plan_budget(tg, grads)
+        backend._plan_budget(tg, grads, cpu)
     torch._dynamo.reset()
     f = torch.compile(module, backend="memplan", options={"budget": size, "cache_dir": str(tmp_path),
                                                           "time_limit": 10})
     f(x).square().mean().backward()
     plans = [Plan.load(p) for p in tmp_path.glob("*.plan.json")]
-    assert [p.solver.params.get("budget") for p in plans] == [size - grads], [p.solver.formulation for p in plans]
+    (plan,) = plans  # one joint remat plan; its share: the size less the gradients and a small temporary
+    assert size - grads - 4096 <= plan.solver.params["budget"] <= size - grads
 
 
 def test_backend_budget_below_the_minimum_falls_back_with_a_message(tmp_path, capsys):

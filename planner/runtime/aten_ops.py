@@ -306,6 +306,33 @@ class Bound:
     how: str  # "direct" | "out" | "composite" | "fallback"
 
 
+def how_computed(attrs: dict, device_type: str, kept: bool = False, direct: bool = True) -> str:
+    """How the executor writes an op's outputs on `device_type`: "direct" (a writer of ours), "out"
+    (ATen's out= kernel), "composite" (an out= overload ATen emulates: a temporary and a copy) or
+    "fallback" (the functional op, then a copy). `kept`: some result is kept as the kernel returns it."""
+    target = attrs["target"]
+    if direct and target in _DIRECT and not kept:
+        return "direct"
+    op = op_by_name(target)
+    variant = out_variant(op)
+    positions = [0] if attrs.get("results") is None else list(attrs["results"])
+    if variant is None or kept or sorted(positions) != list(range(len(op._schema.returns))):
+        return "fallback"
+    return "out" if variant.native.get(device_type, False) else "composite"
+
+
+def temporary_bytes(graph, device_type: str) -> int:
+    """The most bytes one op computes into a temporary beside the arena on `device_type` (composite
+    and fallback ops: their outputs exist twice until the copy), views and ONNX ops aside."""
+    worst = 0
+    for op in graph.ops:
+        if "target" not in op.attrs or all(graph.tensors[t].alias_of is not None for t in op.outputs):
+            continue
+        if how_computed(op.attrs, device_type, bool(op.attrs.get("host_outputs"))) in ("composite", "fallback"):
+            worst = max(worst, sum(graph.tensors[t].nbytes for t in op.outputs))
+    return worst
+
+
 def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequence[torch.Tensor],
                  device_type: str, dyn: list) -> Bound:
     """A closure computing op `name` (decoded, substituted args) into `outs`."""
@@ -322,18 +349,20 @@ def bind_compute(name: str, attrs: dict, args: list, kwargs: dict, outs: Sequenc
     for p, o in zip(positions, outs):
         by_position[p] = o
     kept = any(isinstance(o, Dyn) for o in outs)  # results kept as returned (host_outputs): no out= kernel
-    writer = _DIRECT[target](by_position, device_type) if target in _DIRECT and not kept else None
+    how = how_computed(attrs, device_type, kept)
+    writer = _DIRECT[target](by_position, device_type) if how == "direct" else None
     if writer is not None:
         if dynamic:
             return Bound(lambda: writer(get_args(dyn), get_kwargs(dyn)), "direct")
         return Bound(lambda: writer(args, kwargs), "direct")
+    if how == "direct":  # the writer does not apply here: ATen's out= kernel, or compute + copy
+        how = how_computed(attrs, device_type, kept, direct=False)
 
     variant = out_variant(op)
-    if variant is not None and not kept and sorted(positions) == list(range(len(op._schema.returns))):
+    if how in ("out", "composite"):
         out_kw = {variant.out_names[p]: o for p, o in zip(positions, outs)}
         keep = variant.keep_kwargs
         call = variant.op
-        how = "out" if variant.native.get(device_type, False) else "composite"
         if dynamic:
             def run_dyn() -> None:
                 kw = {k: v for k, v in get_kwargs(dyn).items() if k in keep}

@@ -10,9 +10,10 @@ torch.compile hands `options` to a registered backend as the keyword argument
   training   with a `budget` (options={"budget": 0.5 | "80%" | "6GiB"}): the joint forward +
              backward graph (frontends.training.lower_joint) gets one rematerialisation plan
              (formulations.remat: keep, recompute or reload what the backward reads, under
-             the peak budget; a size covers the gradients the step returns too, so the
-             plan's share is the size less their bytes) and runs as one TrainingStep (planner.runtime.training): its
-             forward phase in the compiled call, its backward phase in loss.backward();
+             the peak budget; a size covers the gradients the step returns and the
+             largest kernel temporary too, so the plan's share is the size less those)
+             and runs as one TrainingStep (planner.runtime.training): its forward phase
+             in the compiled call, its backward phase in loss.backward();
              without a budget, through AOTAutograd's default partition: the forward and
              the backward graphs are each lowered, planned and replayed like inference.
 Parameters and buffers arriving as graph inputs (nn.Parameter, or marked static
@@ -119,7 +120,7 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
         if reason:  # before any solve
             raise ReplayError(reason)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        plan = plan_cached(tg.graph, opts, device, planner="remat", budget=_plan_budget(tg, opts.budget))
+        plan = plan_cached(tg.graph, opts, device, planner="remat", budget=_plan_budget(tg, opts.budget, device))
         with unset_fake_temporarily():
             step = TrainingStep(tg, plan, device)
     except (FrontendError, ReplayError, PlanError, PlanFileError, ImportError, ValueError) as e:
@@ -131,17 +132,18 @@ def _training_step(gm: torch.fx.GraphModule, example_inputs: list, opts: Backend
     return (lambda *args: step(*args)[0]) if _returns_bare_tensor(gm) else step
 
 
-def _plan_budget(tg, budget: str | float | int) -> str | float | int:
-    """A size budget covers the step's memory beyond weights and inputs: the gradients it returns are
-    fresh tensors beside the arena (they outlive the step), so the plan gets the size less their bytes.
-    A fraction stays a fraction of the joint graph's own peak."""
+def _plan_budget(tg, budget: str | float | int, device: torch.device) -> str | float | int:
+    """A size budget covers the step's device memory beyond weights and inputs. Beside the arena
+    there are the gradients the step returns (fresh tensors: they outlive the step) and the largest
+    temporary of an op without an out= kernel on the device (aten_ops.temporary_bytes), so the plan
+    gets the size less both. A fraction stays a fraction of the joint graph's own peak."""
     from frontends.training import flat_outputs
+    from planner.runtime.aten_ops import temporary_bytes
     from planner.target import parse_size
 
     if isinstance(budget, float) or (isinstance(budget, str) and budget.strip().endswith("%")):
         return budget
     try:
-        float(budget)
         if isinstance(budget, str) and float(budget) <= 1:
             return budget
     except ValueError:
@@ -149,9 +151,11 @@ def _plan_budget(tg, budget: str | float | int) -> str | float | int:
     size = parse_size(budget) if isinstance(budget, str) else int(budget)
     g = tg.lowered.graph
     grads = sum(g.tensors[t].nbytes for t in flat_outputs(tg.lowered)[tg.num_fwd_outputs:] if t is not None)
-    if size <= grads:
-        raise ValueError(f"a budget of {size} bytes is below the {grads} bytes of gradients the step returns")
-    return size - grads
+    beside = grads + temporary_bytes(g, device.type)
+    if size <= beside:
+        raise ValueError(f"a budget of {size} bytes is below the {beside} bytes beside the arena (the {grads} "
+                         "bytes of gradients the step returns and the largest kernel temporary)")
+    return size - beside
 
 
 def _returns_bare_tensor(gm: torch.fx.GraphModule) -> bool:
