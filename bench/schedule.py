@@ -37,6 +37,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "memplan" / "graphs"
 RANDWIRE = ("randwire_ws", "randwire_er", "randwire_ba")
+STATE_CAP = 60_000_000  # stored states per exact probe of the segment study (vector engine)
 
 
 def say(text: str) -> None:
@@ -103,8 +104,17 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
     from formulations import schedule
     from formulations.schedule_bounds import cut_lower_bound
     from formulations.schedule_dp import Problem, descend, search
+    from formulations.schedule_guide import vector_probe
     from formulations.schedule_heuristics import hierarchical, neutral_units, normalize
     from planner import baselines
+
+    def counted(probe, log: list):
+        """The probe, recording (budget, status, states, seconds) of every call."""
+        def run(budget, floor, until):
+            res = probe(budget, floor, until)
+            log.append((budget, res.status, res.states, res.seconds))
+            return res
+        return run
 
     prob = Problem(graph)
     segs = schedule.split_segments(prob)
@@ -144,18 +154,24 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
             inside = set(rseg.ops)  # without a beam answer: the segment's part of normal-form program order
             rorder = list(wide.order) if wide.order is not None else \
                 [o for o in normalize(relaxed, range(prob.n)) if o in inside]
+            probes: list = []
+            probe = counted(vector_probe(relaxed, units, rseg.start, relaxed=None, state_cap=STATE_CAP), probes)
             rorder, _, rbound, status = descend(relaxed, units, rseg.start, rorder,
                                                 max(relaxed.profile(rorder, rseg.start)), bound=rbound,
-                                                state_cap=2_000_000, deadline=half)
-            row.update(relaxed_status=status, relaxed_bound=rbound, relaxed_seconds=time.perf_counter() - t0)
+                                                state_cap=STATE_CAP, deadline=half, probe=probe)
+            row.update(relaxed_status=status, relaxed_bound=rbound, relaxed_seconds=time.perf_counter() - t0,
+                       relaxed_states=sum(p[2] for p in probes))
             bound = max(bound, rbound)
             real = max(prob.profile(rorder, seg.start))
             if real < best:
                 best_order, best = rorder, real
         t0 = time.perf_counter()
-        _, best, bound, status = descend(prob, neutral_units(prob, seg.units), seg.start, best_order, best,
-                                         bound=min(bound, best), state_cap=2_000_000, deadline=deadline)
+        units, probes = neutral_units(prob, seg.units), []
+        probe = counted(vector_probe(prob, units, seg.start, relaxed=relaxed, state_cap=STATE_CAP), probes)
+        _, best, bound, status = descend(prob, units, seg.start, best_order, best, bound=min(bound, best),
+                                         state_cap=STATE_CAP, deadline=deadline, probe=probe)
         row.update(exact_status=status, exact_seconds=time.perf_counter() - t0, best=best, lower_bound=bound,
+                   exact_states=sum(p[2] for p in probes), probes=[list(p) for p in probes],
                    optimum=best if status == "optimal" else None, seconds=time.perf_counter() - t_start,
                    cpu_seconds=time.process_time() - c_start)
         rows.append(row)

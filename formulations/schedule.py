@@ -66,6 +66,10 @@ class Options:
     relax_below: int | None = None  # relaxation threshold in bytes; None: largest buffer // 1024
     relax: bool = True  # `auto`: run the relaxation when some buffer is under the threshold
     cpsat_workers: int = 2  # CP-SAT search workers (the machines here have two cores)
+    engine: str = "auto"  # exact search: "scalar" (schedule_dp), "vector" (schedule_vec), "auto" (by size)
+    vector_units: int = 24  # "auto": the vector engine from this many units up
+    vector_state_cap: int = 60_000_000  # the vector engine gives up past this many stored states
+    guide: bool = True  # vector probes on the real sizes are guided by the relaxation (schedule_guide)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
         raise ScheduleOptionError(f"unknown schedule option {', '.join(sorted(unknown))}; "
                                   f"options: {', '.join(Options.__slots__)}")
     opts = Options(**options)
+    if opts.engine not in ("auto", "scalar", "vector"):
+        raise ScheduleOptionError(f"unknown schedule engine {opts.engine!r}; choose one of auto, scalar, vector")
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     note = progress or (lambda _msg: None)
@@ -155,10 +161,11 @@ def solve(graph: LifetimeGraph, *, time_limit: float = 60.0, method: str = "auto
                            time.perf_counter() - t1, "best baseline order where hier found nothing lower"))
         _adopt(prob, segs, order, "hier")
     floor = max(s.bound for s in segs)
-    if method == "auto" and opts.relax:
-        floor = max(floor, _relaxed(graph, prob, segs, opts, floor, t0 + (deadline - t0) * 0.6, log, note))
+    relaxed = relaxation(graph, prob, opts) if method == "auto" and opts.relax else None
+    if relaxed is not None:
+        floor = max(floor, _relaxed(graph, prob, relaxed, segs, opts, floor, t0 + (deadline - t0) * 0.6, log, note))
     if method in ("auto", "dp"):
-        floor = _exact(prob, segs, opts, floor, deadline, log, note)
+        floor = _exact(prob, segs, opts, floor, deadline, log, note, relaxed)
     elif method in ("cpsat", "milp"):
         floor = _solver_model(prob, segs, opts, floor, deadline, log, note, method)
     return _result(graph, prob, segs, floor, log, t0, include_weights, alignment, method)
@@ -201,16 +208,14 @@ def _adopt(prob: Problem, segs: list[Segment], order: Sequence[int], source: str
             s.order, s.peak, s.source = part, max(steps), source
 
 
-def _relaxed(graph: LifetimeGraph, prob: Problem, segs: list[Segment], opts: Options, floor: int,
+def _relaxed(graph: LifetimeGraph, prob: Problem, relaxed: Problem, segs: list[Segment], opts: Options, floor: int,
              deadline: float, log: list[Attempt], note: Callable[[str], None]) -> int:
     """Exact search with buffers under the threshold counted as 0 bytes: a lower bound and a candidate."""
-    biggest = max((sz for _, sz, _, _ in prob.roots), default=0)
-    below = opts.relax_below if opts.relax_below is not None else biggest // 1024
-    if below <= 1 or not any(0 < sz < below for _, sz, _, _ in prob.roots) or max(s.peak for s in segs) <= floor:
+    if max(s.peak for s in segs) <= floor:
         return floor
+    below = relaxed.ignore_below
     t1 = time.perf_counter()
     note(f"relaxation: buffers under {below} bytes count 0")
-    relaxed = Problem(graph, prob.include_weights, prob.alignment, ignore_below=below)
     rsegs = split_segments(relaxed)
     _adopt(relaxed, rsegs, normalize(relaxed, [o for s in segs for o in s.order]), "best")
     for s in rsegs:
@@ -224,7 +229,8 @@ def _relaxed(graph: LifetimeGraph, prob: Problem, segs: list[Segment], opts: Opt
         if wide.order is not None:
             s.order, s.peak = list(wide.order), max(relaxed.profile(wide.order, s.start))
         s.order, s.peak, proven, status = descend(relaxed, units, s.start, s.order, s.peak, bound=bound,
-                                                  state_cap=opts.state_cap, deadline=deadline)
+                                                  state_cap=opts.state_cap, deadline=deadline,
+                                                  probe=_probe(relaxed, units, s.start, opts, None))
         complete = complete and status == "optimal"
         bound = max(bound, proven if status == "optimal" else 0)
     order = normalize(prob, [o for s in rsegs for o in s.order])
@@ -235,8 +241,27 @@ def _relaxed(graph: LifetimeGraph, prob: Problem, segs: list[Segment], opts: Opt
     return bound
 
 
+def relaxation(graph: LifetimeGraph, prob: Problem, opts: Options) -> Problem | None:
+    """The relaxation `auto` uses: buffers under `relax_below` (default: the largest // 1024) count
+    0 bytes; None when no buffer is that small."""
+    biggest = max((sz for _, sz, _, _ in prob.roots), default=0)
+    below = opts.relax_below if opts.relax_below is not None else biggest // 1024
+    if below <= 1 or not any(0 < sz < below for _, sz, _, _ in prob.roots):
+        return None
+    return Problem(graph, prob.include_weights, prob.alignment, ignore_below=below)
+
+
+def _probe(prob: Problem, units: list[tuple[int, ...]], start: int, opts: Options, relaxed: Problem | None):
+    """descend's probe: None (the scalar search) or the vector engine, guided by `relaxed`."""
+    if opts.engine == "scalar" or (opts.engine == "auto" and len(units) < opts.vector_units):
+        return None
+    from formulations.schedule_guide import vector_probe
+
+    return vector_probe(prob, units, start, relaxed=relaxed if opts.guide else None, state_cap=opts.vector_state_cap)
+
+
 def _exact(prob: Problem, segs: list[Segment], opts: Options, floor: int, deadline: float,
-           log: list[Attempt], note: Callable[[str], None]) -> int:
+           log: list[Attempt], note: Callable[[str], None], relaxed: Problem | None = None) -> int:
     """Exact search on the segments that can still lower the peak, the highest first."""
     t1 = time.perf_counter()
     gave_up = 0
@@ -244,8 +269,10 @@ def _exact(prob: Problem, segs: list[Segment], opts: Options, floor: int, deadli
         if s.peak <= floor or s.proven:
             continue
         note(f"exact search on a segment of {len(s.ops)} ops")
-        order, peak, bound, status = descend(prob, neutral_units(prob, s.units), s.start, s.order, s.peak,
-                                             bound=floor, state_cap=opts.state_cap, deadline=deadline)
+        units = neutral_units(prob, s.units)
+        order, peak, bound, status = descend(prob, units, s.start, s.order, s.peak, bound=floor,
+                                             state_cap=opts.state_cap, deadline=deadline,
+                                             probe=_probe(prob, units, s.start, opts, relaxed))
         if peak < s.peak:
             s.order, s.peak, s.source = order, peak, "dp"
         if status == "gave_up":

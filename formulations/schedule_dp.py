@@ -48,7 +48,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from planner.bounds import buffer_size
@@ -255,12 +255,8 @@ class SearchResult:
     seconds: float
 
 
-def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, budget: float = INF,
-           floor: int = 0, state_cap: int = 2_000_000, beam: int | None = None,
-           deadline: float = INF) -> SearchResult:
-    """Best order of `units` (tuples of non-lazy ops, each run back to back, its lazy
-    ops right before it) after the ops in `start`. Exact unless `beam` is set."""
-    t0 = time.perf_counter()
+def unit_dag(prob: Problem, units: Sequence[Sequence[int]]) -> tuple[list[int], list[set[int]], list[bool]]:
+    """(predecessor unit bit-sets, successor unit sets, whether the commit rule may run each unit)."""
     m = len(units)
     unit_of = {op: u for u, ops in enumerate(units) for op in ops}
     upred = [0] * m
@@ -279,6 +275,17 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
         # lazy ops run with u only if every owner runs with or after u; one owned by an ancestor already ran
         commit[u] = commit[u] and all(not prob.owners[p] & ~below or prob.owners[p] & above
                                       for op in ops for p in prob.pending[op])
+    return upred, usucc, commit
+
+
+def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, budget: float = INF,
+           floor: int = 0, state_cap: int = 2_000_000, beam: int | None = None,
+           deadline: float = INF) -> SearchResult:
+    """Best order of `units` (tuples of non-lazy ops, each run back to back, its lazy
+    ops right before it) after the ops in `start`. Exact unless `beam` is set."""
+    t0 = time.perf_counter()
+    m = len(units)
+    upred, usucc, commit = unit_dag(prob, units)
     step, pending = prob.step, prob.pending
     # a unit's steps depend on `done` only through the readers of what it touches: memoise on that
     context = [prob.context_mask(ops) for ops in units]
@@ -401,39 +408,58 @@ def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, bud
                   stored)
 
 
+CLOSE = 100  # descend: a probe whose level is within 1/CLOSE of the bound searches for the optimum itself
+
+
 def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Sequence[int], peak: int, *,
-            bound: int, state_cap: int, deadline: float) -> tuple[list[int], int, int, str]:
+            bound: int, state_cap: int, deadline: float,
+            probe: Callable[[int, int, float], SearchResult] | None = None) -> tuple[list[int], int, int, str]:
     """Close the gap between `order`'s peak and the proven lower bound `bound` by exact probes.
 
     A probe at level B asks whether any order peaks under B (budget B, floor B - 1: the
     commit rule then prunes the most): "no_better" proves B a lower bound, an order lowers the
-    peak. The first probe sits just under the peak (it proves the peak optimal or improves it)
-    with two thirds of the time left; when it runs out of time or states, probes bisect the gap
-    from below, each with half the time left, to raise the bound.
+    peak. Within 1/CLOSE of the bound (after the relaxation, RandWire stages: 0.01%) a probe
+    takes the bound as its floor instead: its order is then the optimum under B, proven in one
+    search instead of bisecting bytes, and it gets nine tenths of the time left. The first probe
+    sits just under the peak (it proves the peak optimal or improves it) with two thirds of the
+    time left; after it, probes bisect the gap between bound and peak, each with half the time
+    left (a probe at a lower level stores no more states).
     Every step is a multiple of `Problem.grain`, so the bound rounds up to one and probes bisect
     multiples of it (RandWire: a handful of feature-map sizes between bound and peak, not bytes).
+    `probe(budget, floor, deadline)`: the exact search that answers a probe (default: this module's
+    search of `units` with `state_cap`; formulations.schedule_guide.vector_probe: the vector engine).
     Returns (order, peak, bound, "optimal" | "gave_up")."""
     order = list(order)
+    if probe is None:
+        probe = lambda budget, floor, until: search(prob, units, start, budget=budget, floor=floor,
+                                                    state_cap=state_cap, deadline=until)
     grain = prob.grain([o for u in units for x in u for o in (*prob.pending[x], x)], start)
     if peak % grain:  # a grain that does not divide the peak would be a bug: bisect bytes instead
         grain = 1
     bound = -(-bound // grain) * grain
     half = lambda lo, hi: lo + grain * ((hi - lo) // grain // 2)  # a multiple of grain in [lo, hi]
-    probe, top_failed = peak, False
-    while peak > bound and bound < probe <= peak:
+    level, top_failed = peak, False
+    while peak > bound and bound < level <= peak:
         now = time.perf_counter()
         if now >= deadline:
             break
-        top = probe == peak
-        res = search(prob, units, start, budget=probe, floor=max(bound, probe - 1), state_cap=state_cap,
-                     deadline=now + (deadline - now) * (2 / 3 if top else 1 / 2))
+        top = level == peak
+        # floor at the bound when it is close: the answer is then the optimum under the level, not only
+        # some order under it (the states are the same sets; the commit rule is a little weaker)
+        exact = level - bound <= level // CLOSE
+        res = probe(level, bound if exact else max(bound, level - 1),
+                    now + (deadline - now) * (0.9 if exact else 2 / 3 if top else 1 / 2))
         if res.status == "no_better":
-            bound = probe
-            probe = half(bound, peak + grain)
+            bound = level
+            level = half(bound, peak + grain)
         elif res.status == "gave_up":
             top_failed = top_failed or top
-            probe = half(bound, probe)  # closer to the bound: a cheaper question
+            level = half(bound, level)  # closer to the bound: a cheaper question
         else:
             order, peak = list(res.order), max(prob.profile(res.order, start))
-            probe = half(bound, peak + grain) if top_failed else peak
+            if peak % grain:  # as above: never skip a level
+                grain = 1
+            if exact:  # the least peak of any order (the search's answer is max(floor, optimum), floor the bound)
+                bound = max(bound, res.peak)
+            level = half(bound, peak + grain)  # bisect: a lower probe costs no more than one at the peak
     return order, peak, bound, "optimal" if peak <= bound else "gave_up"
