@@ -413,12 +413,13 @@ CLOSE = 100  # descend: a probe whose level is within 1/CLOSE of the bound searc
 
 def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Sequence[int], peak: int, *,
             bound: int, state_cap: int, deadline: float,
-            probe: Callable[[int, int, float], SearchResult] | None = None) -> tuple[list[int], int, int, str]:
+            probe: Callable[[int, int, float], SearchResult] | None = None,
+            close: int = CLOSE) -> tuple[list[int], int, int, str]:
     """Close the gap between `order`'s peak and the proven lower bound `bound` by exact probes.
 
     A probe at level B asks whether any order peaks under B (budget B, floor B - 1: the
     commit rule then prunes the most): "no_better" proves B a lower bound, an order lowers the
-    peak. Within 1/CLOSE of the bound (after the relaxation, RandWire stages: 0.01%) a probe
+    peak. Within 1/`close` of the bound (after the relaxation, RandWire stages: 0.01%) a probe
     takes the bound as its floor instead: its order is then the optimum under B, proven in one
     search instead of bisecting bytes, and it gets nine tenths of the time left. The first probe
     sits just under the peak (it proves the peak optimal or improves it) with two thirds of the
@@ -446,7 +447,7 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
         top = level == peak
         # floor at the bound when it is close: the answer is then the optimum under the level, not only
         # some order under it (the states are the same sets; the commit rule is a little weaker)
-        exact = level - bound <= level // CLOSE
+        exact = level - bound <= level // close
         res = probe(level, bound if exact else max(bound, level - 1),
                     now + (deadline - now) * (0.9 if exact else 2 / 3 if top else 1 / 2))
         if res.status == "no_better":

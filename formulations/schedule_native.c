@@ -49,12 +49,14 @@ typedef struct {
 
 typedef struct { uint64_t key; int64_t idx; } Slot;
 
+/* What a merge reads and writes of an entry, in one place (one cache line). */
+typedef struct { int64_t peak; int32_t parent; int16_t unit, q0, q1, after; } Meta;
+
 typedef struct {
     int64_t n, cap;
     uint64_t *set, *ready, *key, *rkey;  /* ready: units not in the set whose predecessors are */
-    int64_t *peak, *mem;
-    int16_t *q0, *q1, *after, *unit;
-    int32_t *parent;
+    int64_t *mem;
+    Meta *meta;
     Slot *slot;      /* hash table (idx -1: empty) */
     int64_t slots;
 } Layer;
@@ -107,8 +109,7 @@ static int admits(const Tables *t, uint64_t rkey) {
 }
 
 static void layer_free(Layer *L) {
-    free(L->set); free(L->ready); free(L->key); free(L->rkey); free(L->peak); free(L->mem);
-    free(L->q0); free(L->q1); free(L->after); free(L->unit); free(L->parent); free(L->slot);
+    free(L->set); free(L->ready); free(L->key); free(L->rkey); free(L->mem); free(L->meta); free(L->slot);
     memset(L, 0, sizeof *L);
 }
 
@@ -117,9 +118,8 @@ static int layer_reserve(Layer *L, int64_t cap, int W) {
     int64_t c = L->cap ? L->cap : 1024;
     while (c < cap) c *= 2;
 #define GROW(f, T, k) do { void *p = realloc(L->f, (size_t)c * (k) * sizeof(T)); if (!p) return -1; L->f = p; } while (0)
-    GROW(set, uint64_t, W); GROW(ready, uint64_t, W); GROW(key, uint64_t, 1); GROW(rkey, uint64_t, 1); GROW(peak, int64_t, 1);
-    GROW(mem, int64_t, 1); GROW(q0, int16_t, 1); GROW(q1, int16_t, 1); GROW(after, int16_t, 1);
-    GROW(unit, int16_t, 1); GROW(parent, int32_t, 1);
+    GROW(set, uint64_t, W); GROW(ready, uint64_t, W); GROW(key, uint64_t, 1); GROW(rkey, uint64_t, 1);
+    GROW(mem, int64_t, 1); GROW(meta, Meta, 1);
 #undef GROW
     L->cap = c;
     return 0;
@@ -163,11 +163,12 @@ static int add(Layer *L, int W, const uint64_t *set, const uint64_t *ready, uint
     for (; L->slot[h].idx >= 0; h = (h + 1) & (L->slots - 1)) {
         int64_t j = L->slot[h].idx;
         if (L->slot[h].key != key || memcmp(L->set + j * W, set, (size_t)W * 8)) continue;
-        if (L->q0[j] != q0 || L->q1[j] != q1 || L->after[j] != after) L->q0[j] = L->q1[j] = L->after[j] = NONE;
-        if (peak < L->peak[j]) {
-            L->peak[j] = peak;
-            L->parent[j] = parent;
-            L->unit[j] = unit;
+        Meta *e = &L->meta[j];
+        if (e->q0 != q0 || e->q1 != q1 || e->after != after) e->q0 = e->q1 = e->after = NONE;
+        if (peak < e->peak) {
+            e->peak = peak;
+            e->parent = parent;
+            e->unit = unit;
         }
         return 0;
     }
@@ -175,8 +176,8 @@ static int add(Layer *L, int W, const uint64_t *set, const uint64_t *ready, uint
     int64_t i = L->n++;
     memcpy(L->set + i * W, set, (size_t)W * 8);
     if (ready) memcpy(L->ready + i * W, ready, (size_t)W * 8);
-    L->key[i] = key; L->rkey[i] = rkey; L->peak[i] = peak; L->mem[i] = mem;
-    L->q0[i] = q0; L->q1[i] = q1; L->after[i] = after; L->parent[i] = parent; L->unit[i] = unit;
+    L->key[i] = key; L->rkey[i] = rkey; L->mem[i] = mem;
+    L->meta[i] = (Meta){peak, parent, unit, q0, q1, after};
     L->slot[h] = (Slot){key, i};
     return 0;
 }
@@ -220,6 +221,7 @@ typedef struct {
     int status;
     Cand *cand;
     uint64_t *child, *rows, *ready;
+    int64_t *udp, *udm, *seen, gen;  /* the state's deltas of its ready units (seen[u] == gen: set) */
 } Work;
 
 static int work_init(Work *w, const Tables *t) {
@@ -227,11 +229,12 @@ static int work_init(Work *w, const Tables *t) {
     w->t = t;
     w->cand = malloc((size_t)(t->m + 1) * sizeof *w->cand);
     w->child = calloc(t->W, 8); w->rows = calloc(t->W, 8); w->ready = calloc(t->W, 8);
-    return w->cand && w->child && w->rows && w->ready ? 0 : -1;
+    w->udp = calloc(t->m + 1, 8); w->udm = calloc(t->m + 1, 8); w->seen = calloc(t->m + 1, 8);
+    return w->cand && w->child && w->rows && w->ready && w->udp && w->udm && w->seen ? 0 : -1;
 }
 
 static void work_free(Work *w) {
-    free(w->cand); free(w->child); free(w->rows); free(w->ready);
+    free(w->cand); free(w->child); free(w->rows); free(w->ready); free(w->udp); free(w->udm); free(w->seen);
     layer_free(&w->out);
 }
 
@@ -244,9 +247,10 @@ static int expand_one(Work *w, int64_t i) {
     Cand *cand = w->cand;
     uint64_t *child = w->child, *rows = w->rows, *ready = w->ready;
     const uint64_t *s = cur->set + i * W, *rd = cur->ready + i * W;
-    int64_t pk = cur->peak[i], mm = cur->mem[i], dp, dm;
-    if (cur->q0[i] >= 0) {  /* inside a committed sequence: its next unit */
-        int u = cur->q0[i];
+    const Meta *me = &cur->meta[i];
+    int64_t pk = me->peak, mm = cur->mem[i], dp, dm;
+    if (me->q0 >= 0) {  /* inside a committed sequence: its next unit */
+        int u = me->q0;
         if (delta(t, u, s, &dp, &dm)) return FAILED;
         uint64_t rk = t->ukey ? cur->rkey[i] ^ t->ukey[u] : 0;
         if (t->ukey && !admits(t, rk)) return 0;
@@ -254,20 +258,26 @@ static int expand_one(Work *w, int64_t i) {
         child[u >> 6] ^= 1ULL << (u & 63);
         ready_after(t, rd, child, u, ready);
         int64_t p2 = mm + dp > pk ? mm + dp : pk;
-        return add(next, W, child, ready, cur->key[i] ^ t->zob[u], rk, p2, mm + dm, cur->q1[i], NONE, NONE,
+        return add(next, W, child, ready, cur->key[i] ^ t->zob[u], rk, p2, mm + dm, me->q1, NONE, NONE,
                    (int32_t)i, (int16_t)u) ? FAILED : 0;
     }
     int nc = 0, chosen = -1;
+    w->gen++;
     for (int x = 0; x < W; x++) for (uint64_t b = rd[x]; b; b &= b - 1) {
         int u = 64 * x + __builtin_ctzll(b);
         if (delta(t, u, s, &dp, &dm)) return FAILED;
+        w->udp[u] = dp; w->udm[u] = dm; w->seen[u] = w->gen;
         int64_t step = mm + dp, p2 = step > pk ? step : pk;
         if (p2 >= w->limit) continue;
         cand[nc] = (Cand){(int16_t)u, (int16_t)(t->defer && t->deferrable[u] && dp == dm && dm >= 0 ? u : NONE),
                           p2, mm + dm, 0, 0};
-        if (chosen < 0 && t->commit_rule && t->commit[u] && step <= pk && dm <= 0) chosen = nc;
+        if (t->commit_rule && t->commit[u] && step <= pk && dm <= 0) {  /* its only child: stop looking */
+            chosen = nc++;
+            goto scanned;
+        }
         nc++;
     }
+scanned:;
     int16_t q0 = NONE, q1 = NONE;
     if (chosen < 0 && t->commit_rule && t->set_commit && nc) {  /* a committable sequence P + c */
         for (int x = 0; x < W && chosen < 0; x++) for (uint64_t b = rd[x]; b && chosen < 0; b &= b - 1) {
@@ -280,7 +290,8 @@ static int expand_one(Work *w, int64_t i) {
                 int64_t at = mm, lowest = mm, first = mm;
                 memcpy(rows, s, (size_t)W * 8);
                 for (int j = 0; j < len && ok; j++) {
-                    if (delta(t, seq[j], rows, &dp, &dm)) return FAILED;
+                    if (j == 0) dp = w->udp[seq[0]], dm = w->udm[seq[0]];  /* r: ready, scanned above */
+                    else if (delta(t, seq[j], rows, &dp, &dm)) return FAILED;
                     ok = at + dp <= pk;
                     at += dm;
                     if (j == 0) first = at;
@@ -289,8 +300,9 @@ static int expand_one(Work *w, int64_t i) {
                         rows[seq[j] >> 6] |= 1ULL << (seq[j] & 63);
                     }
                 }
-                if (ok && len == 3) {  /* the other order's first set: the second of P alone */
-                    if (delta(t, seq[1], s, &dp, &dm)) return FAILED;
+                if (ok && len == 3) {  /* the other order's first set: the second of P alone (ready too) */
+                    if (w->seen[seq[1]] == w->gen) dm = w->udm[seq[1]];
+                    else if (delta(t, seq[1], s, &dp, &dm)) return FAILED;
                     if (mm + dm < lowest) lowest = mm + dm;
                 }
                 if (ok && at <= lowest) {
@@ -303,7 +315,7 @@ static int expand_one(Work *w, int64_t i) {
             }
         }
     }
-    const uint8_t *near = t->near + (int64_t)(cur->after[i] < 0 ? m : cur->after[i]) * m;
+    const uint8_t *near = t->near + (int64_t)(me->after < 0 ? m : me->after) * m;
     int lo = chosen < 0 ? 0 : chosen, hi = chosen < 0 ? nc : chosen + 1, kept = 0;
     for (int c = lo; c < hi; c++) {  /* keys first, their table entries fetched ahead */
         int u = cand[c].u;
@@ -314,6 +326,13 @@ static int expand_one(Work *w, int64_t i) {
         x->rkey = t->ukey ? cur->rkey[i] ^ t->ukey[u] : 0;
         if (t->ukey) __builtin_prefetch(t->gtable + ((x->rkey >> t->gshift) >> 6));
         if (next->slots) __builtin_prefetch(next->slot + home(x->key, next->slots));
+    }
+    for (int c = 0; c < kept && next->slots; c++) {  /* an entry already there: its row and meta next */
+        const Slot *sl = next->slot + home(cand[c].key, next->slots);
+        if (sl->idx >= 0 && sl->key == cand[c].key) {
+            __builtin_prefetch(next->set + sl->idx * W);
+            __builtin_prefetch(next->meta + sl->idx);
+        }
     }
     for (int c = 0; c < kept; c++) {
         int u = cand[c].u;
@@ -385,8 +404,8 @@ static int expand_layer(Work *work, const Layer *cur) {
     for (int j = 1; j < k; j++) {  /* merge: the same sets, peaks and tags as one table would hold */
         const Layer *o = &work[j].out;
         for (int64_t x = 0; x < o->n; x++)
-            if (add(&work[0].out, W, o->set + x * W, o->ready + x * W, o->key[x], o->rkey[x], o->peak[x], o->mem[x],
-                    o->q0[x], o->q1[x], o->after[x], o->parent[x], o->unit[x]))
+            if (add(&work[0].out, W, o->set + x * W, o->ready + x * W, o->key[x], o->rkey[x], o->meta[x].peak,
+                    o->mem[x], o->meta[x].q0, o->meta[x].q1, o->meta[x].after, o->meta[x].parent, o->meta[x].unit))
                 return FAILED;
     }
     return 0;
@@ -416,8 +435,8 @@ int forward(const Tables *t, int64_t limit, int64_t floor, int64_t mem0, int64_t
     memset(cur.ready, 0, (size_t)W * 8);
     for (int u = 0; u < m; u++)
         if (subset(t->pred + (int64_t)u * W, cur.set, W)) cur.ready[u >> 6] |= 1ULL << (u & 63);
-    cur.key[0] = cur.rkey[0] = 0; cur.peak[0] = floor; cur.mem[0] = mem0;
-    cur.q0[0] = cur.q1[0] = cur.after[0] = NONE;
+    cur.key[0] = cur.rkey[0] = 0; cur.mem[0] = mem0;
+    cur.meta[0] = (Meta){floor, 0, 0, NONE, NONE, NONE};
     if (t->ukey && !admits(t, 0)) { status = NO_BETTER; goto done; }
     for (int k = 0; k < m; k++) {
         if ((status = expand_layer(work, &cur))) goto done;
@@ -426,13 +445,15 @@ int forward(const Tables *t, int64_t limit, int64_t floor, int64_t mem0, int64_t
         hu[k] = malloc((size_t)(next->n + 1) * sizeof(int16_t));
         hp[k] = malloc((size_t)(next->n + 1) * sizeof(int32_t));
         if (!hu[k] || !hp[k]) { status = FAILED; goto done; }
-        memcpy(hu[k], next->unit, (size_t)next->n * sizeof(int16_t));
-        memcpy(hp[k], next->parent, (size_t)next->n * sizeof(int32_t));
+        for (int64_t x = 0; x < next->n; x++) {
+            hu[k][x] = next->meta[x].unit;
+            hp[k][x] = next->meta[x].parent;
+        }
         Layer tmp = cur; cur = *next; *next = tmp;
         if (!cur.n) { status = NO_BETTER; goto done; }
         if (*stored > cap) { status = GAVE_UP; goto done; }
     }
-    *best = cur.peak[0];
+    *best = cur.meta[0].peak;
     for (int k = m - 1, at = 0; k >= 0; k--) {
         order[k] = hu[k][at];
         at = hp[k][at];

@@ -345,6 +345,30 @@ def test_milp_equals_brute_force_without_in_place_inputs():
     assert checked >= 5
 
 
+def test_descend_near_the_bound_proves_in_one_search():
+    """A probe whose floor is the bound returns the least peak itself: one search proves it (close=1: every
+    level counts as near the bound), from an order above the optimum and from an optimal one."""
+    from formulations.schedule_dp import descend, search
+
+    for seed in range(300, 330):
+        g = random_graph(seed, random.Random(seed).randint(8, 14))
+        prob = Problem(g)
+        units = [(o,) for o in range(prob.n) if not prob.lazy[o]]
+        best = exact_reference(g)
+        for start_order in (normalize(prob, baselines.program_order(g)), list(search(prob, units).order)):
+            calls = []
+
+            def probe(budget, floor, until, prob=prob, units=units, calls=calls):
+                calls.append((budget, floor))
+                return search(prob, units, 0, budget=budget, floor=floor, deadline=until)
+
+            peak = max(prob.profile(start_order))
+            order, got, bound, status = descend(prob, units, 0, start_order, peak, bound=0, state_cap=10**6,
+                                                deadline=1e18, probe=probe, close=1)
+            assert (status, got, bound) == ("optimal", best, best) and max(prob.profile(order)) == best, g.name
+            assert calls == [(peak, 0)], g.name
+
+
 def test_descend_proves_or_brackets_the_optimum():
     from formulations.schedule_dp import descend
 
