@@ -57,10 +57,11 @@ def library() -> ctypes.CDLL | None:
     target = CACHE / f"schedule_native-{hashlib.sha256(source).hexdigest()[:16]}.so"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not target.exists() and compiler:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE)
-        os.close(fd)
-        try:
+        tmp = None
+        try:  # an unwritable cache or a failing compiler leaves the numpy path
+            CACHE.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE)
+            os.close(fd)
             done = subprocess.run([compiler, "-O3", "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE)],
                                   capture_output=True, timeout=120)
             if done.returncode == 0:
@@ -68,7 +69,7 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError):
             pass
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     if target.exists():
         lib = ctypes.CDLL(str(target))
