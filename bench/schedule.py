@@ -122,9 +122,8 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
               for name in ("program", "bfs", "dfs", "lpmf")}
     profiles = {name: prob.profile(order) for name, order in orders.items()}
     rows, at = [], 0
-    biggest = max((sz for _, sz, _, _ in prob.roots), default=0)
-    relaxed = Problem(graph, ignore_below=biggest // 1024)
-    rsegs = {tuple(s.ops): s for s in schedule.split_segments(relaxed)}
+    relaxed = schedule.relaxation(graph, prob, schedule.Options())  # what `auto` relaxes
+    rsegs = {tuple(s.ops): s for s in schedule.split_segments(relaxed)} if relaxed is not None else {}
     for k, seg in enumerate(segs):
         part = {name: max(p[at:at + len(seg.ops)]) for name, p in profiles.items()}
         first = {name: o[at:at + len(seg.ops)] for name, o in orders.items()}

@@ -94,7 +94,7 @@ def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_ca
             break
         if stored > state_cap:
             return None, stored
-    return np.sort(np.concatenate(found)), stored
+    return np.concatenate(found), stored
 
 
 def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarray, limit: int) -> \
@@ -153,12 +153,6 @@ class RelaxedGuides:
         if self.last is None or budget <= self.last[0]:
             self.last = (budget, guide)
         return guide
-
-
-def relaxed_guide(prob: Problem, relaxed: Problem, units: Sequence[Sequence[int]], start: int, budget: int, *,
-                  deadline: float = INF, state_cap: int = 20_000_000) -> Guide | None:
-    """One Guide at `budget` (see RelaxedGuides); None when the relaxation does not fit or gives up."""
-    return RelaxedGuides(prob, relaxed, units, start).at(budget, deadline=deadline, state_cap=state_cap)
 
 
 def vector_probe(prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
