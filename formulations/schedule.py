@@ -69,11 +69,7 @@ class Options:
     engine: str = "auto"  # exact search: "scalar" (schedule_dp), "vector" (schedule_vec), "auto" (by size)
     vector_units: int = 24  # "auto": the vector engine from this many units up
     vector_state_cap: int = 60_000_000  # the vector engine gives up past this many stored states
-    # vector probes on the real sizes guided by the relaxation (schedule_guide). Off: with the run rule the
-    # unguided search is as fast or faster on most RandWire stages, and the guide's backward search cannot
-    # finish where the search is hardest (one probe, ER seed 0 stage 3: 4.7 s unguided, 14.9 s guided; seed 1
-    # stage 3: 14.5 s, 30.8 s; BA seed 1 stage 2: 133M relaxed sets, 141 s)
-    guide: bool = False
+    guide: bool = True  # vector probes on the real sizes are guided by the relaxation (schedule_guide)
 
 
 @dataclass(frozen=True, slots=True)

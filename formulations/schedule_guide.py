@@ -14,11 +14,9 @@ completion under B either: take any real completion under B, move its relaxed-la
 before their first consumers (that raises no relaxed step: schedule_dp's lazy rule), and it is a
 relaxed completion of the projection whose steps are no higher than the real ones.
 
-Size: the co-reachable relaxed sets (10^5 - 10^7 on RandWire WS and ER stages, 1.3 * 10^8 on a BA
-stage); their Zobrist keys go into a one-hash Bloom table of 16 bits per key (at most 128 MiB), one
-lookup per state. A false positive or a key collision only admits a state, never prunes one wrongly.
-`solve` leaves the guide off by default (Options.guide): since the run rule of schedule_vec the
-unguided search is as fast or faster on most stages.
+Size: the co-reachable relaxed sets (10^5 - 10^7 on RandWire stages); their Zobrist keys go into a
+one-hash Bloom table of 16 bits per key (at most 128 MiB), one lookup per state. A false positive or a
+key collision only admits a state, never prunes one wrongly.
 """
 
 from __future__ import annotations

@@ -42,14 +42,9 @@ typedef struct {
     const uint64_t *sc_need, *sc_absent; /* per set commit, W words each */
     const uint64_t *ukey;              /* m: relaxed unit keys of the guide (NULL: no guide) */
     const uint64_t *gtable;            /* the guide's Bloom table */
-    const int32_t *group;              /* m: w-group of each unit (-1: none) */
-    const uint8_t *peer;               /* m x m: same group, a successor in common */
-    const uint64_t *lower;             /* m x W: the members of the unit's group below it */
-    const int32_t *group_start;        /* groups + 1: range of each group's members in group_list */
-    const int16_t *group_list;         /* members of each group, increasing */
     uint64_t gshift;
     fill_fn fill;
-    int32_t set_commit, defer, commit_rule, runs;
+    int32_t set_commit, defer, commit_rule;
 } Tables;
 
 typedef struct { uint64_t key; int64_t idx; } Slot;
@@ -209,38 +204,6 @@ static void last_after(const Tables *t, const uint64_t *last, const uint64_t *ch
     }
 }
 
-/* The lowest member of group g not in the set s (NONE: all are in it). */
-static int lowest_pending(const Tables *t, int g, const uint64_t *s) {
-    for (int k = t->group_start[g]; k < t->group_start[g + 1]; k++) {
-        int z = t->group_list[k];
-        if (!((s[z >> 6] >> (z & 63)) & 1)) return z;
-    }
-    return NONE;
-}
-
-/* Whether unit z may follow a state of set s whose constraint is `a` (schedule_vec._allowed): near the
- * anchor unit; after a deferred member a of a w-group: a successor or peer of a, or the lowest pending
- * member when all members below a are done; in a run of group a - m - 1: its lowest pending member. */
-static int allowed(const Tables *t, int a, int z, const uint64_t *s) {
-    int m = t->m, W = t->W;
-    if (a < 0) return 1;
-    if (a < m && !(t->runs && t->group[a] >= 0)) return t->near[(int64_t)a * m + z];
-    if (a < m) {
-        if ((t->succ[(int64_t)a * W + (z >> 6)] >> (z & 63)) & 1 || t->peer[(int64_t)a * m + z]) return 1;
-        if (!subset(t->lower + (int64_t)a * W, s, W)) return 0;
-    }
-    return z == lowest_pending(t, a < m ? t->group[a] : a - m - 1, s);
-}
-
-/* The constraint after deferred unit u from a state constrained by `a` (schedule_vec._run_then). */
-static int16_t run_then(const Tables *t, int a, int u) {
-    int g = t->group[u], m = t->m;
-    if (!t->runs || g < 0) return (int16_t)u;
-    if (a == m + 1 + g || (a >= 0 && a < m && t->group[a] == g && !t->peer[(int64_t)a * m + u]))
-        return (int16_t)(m + 1 + g);
-    return (int16_t)u;
-}
-
 typedef struct { int16_t u, then; int64_t peak, mem; uint64_t key, rkey; } Cand;
 
 enum { OPTIMAL = 0, NO_BETTER = 1, GAVE_UP = 2, FAILED = 3 };
@@ -306,10 +269,9 @@ static int expand_one(Work *w, int64_t i) {
         w->udp[u] = dp; w->udm[u] = dm; w->seen[u] = w->gen;
         int64_t step = mm + dp, p2 = step > pk ? step : pk;
         if (p2 >= w->limit) continue;
-        int deferred = t->defer && t->deferrable[u] && dp == dm && dm >= 0;
-        cand[nc] = (Cand){(int16_t)u, deferred ? run_then(t, me->after, u) : NONE, p2, mm + dm, 0, 0};
-        /* its only child: stop looking (the run rule places deferred members of a w-group) */
-        if (t->commit_rule && t->commit[u] && step <= pk && dm <= 0 && !(deferred && t->runs && t->group[u] >= 0)) {
+        cand[nc] = (Cand){(int16_t)u, (int16_t)(t->defer && t->deferrable[u] && dp == dm && dm >= 0 ? u : NONE),
+                          p2, mm + dm, 0, 0};
+        if (t->commit_rule && t->commit[u] && step <= pk && dm <= 0) {  /* its only child: stop looking */
             chosen = nc++;
             goto scanned;
         }
@@ -353,10 +315,11 @@ scanned:;
             }
         }
     }
+    const uint8_t *near = t->near + (int64_t)(me->after < 0 ? m : me->after) * m;
     int lo = chosen < 0 ? 0 : chosen, hi = chosen < 0 ? nc : chosen + 1, kept = 0;
     for (int c = lo; c < hi; c++) {  /* keys first, their table entries fetched ahead */
         int u = cand[c].u;
-        if (chosen < 0 && !allowed(t, me->after, u, s)) continue;
+        if (chosen < 0 && !near[u]) continue;
         cand[kept] = cand[c];
         Cand *x = &cand[kept++];
         x->key = cur->key[i] ^ t->zob[u];

@@ -42,10 +42,9 @@ class _Tables(ctypes.Structure):
                     "pred", "succ", "zob", "succ_start", "succ_list", "pred_start", "pred_list", "commit",
                     "deferrable", "near", "test_start", "test_and", "term_start",
                     "term_or", "dense_off", "dense", "sc_start", "sc_seq", "sc_need", "sc_absent", "ukey",
-                    "gtable", "group", "peer", "lower", "group_start", "group_list")),
+                    "gtable")),
                 ("gshift", ctypes.c_uint64), ("fill", FILL),
-                ("set_commit", ctypes.c_int32), ("defer", ctypes.c_int32), ("commit_rule", ctypes.c_int32),
-                ("runs", ctypes.c_int32)]
+                ("set_commit", ctypes.c_int32), ("defer", ctypes.c_int32), ("commit_rule", ctypes.c_int32)]
 
 
 def library() -> ctypes.CDLL | None:
@@ -129,12 +128,7 @@ class Kernel:
                 test_start, _rows([every for every, _ in preds], width), term_start, _rows(terms, width),
                 dense_off, self.dense, sc_start, sc_seq, _rows([c[1] for c in commits], width),
                 _rows([c[2] for c in commits], width))),
-            None, None,
-            *(self._ptr(a) for a in (
-                tab.group.astype(np.int32), tab.peer.astype(np.uint8), _rows(tab.lower_words, width),
-                np.cumsum([0, *(len(g) for g in tab.groups)]).astype(np.int32),
-                np.array([v for g in tab.groups for v in g] or [0], np.int16))),
-            0, self.fill, 1, 1, 1, 1)
+            None, None, 0, self.fill, 1, 1, 1)
         self.fits = max(nbits, default=0) <= MAX_BITS and m < 2**15
 
     @classmethod
@@ -165,7 +159,6 @@ class Kernel:
     def configure(self, rules, guide) -> None:
         s = self.struct
         s.commit_rule, s.set_commit, s.defer = int(rules.commit), int(rules.set_commit), int(rules.defer)
-        s.runs = int(rules.runs and rules.defer)
         if guide is None:
             s.ukey = s.gtable = None
             s.gshift = 0
@@ -215,7 +208,7 @@ def backward(kernel: Kernel, budget: int, *, deadline: float, state_cap: int) ->
 
 
 class _NoRules:
-    commit = set_commit = defer = runs = False
+    commit = set_commit = defer = False
 
 
 _NO_RULES = _NoRules()

@@ -13,10 +13,8 @@ units are done, ops only descendants run are not) are dropped; the rest give eac
 equal codes give Problem.step's numbers by construction (tests compare them on random states).
 
 The tables also hold what the search rules need: predecessor and successor masks as 64-bit words,
-Zobrist keys, the commit sequences P + c (schedule_vec), for the defer rule the units that touch a
-unit's tensors, and for the run rule the w-groups: units that are one op reading one small shared
-tensor w besides at most the input they take over in place (the products x_i * sigmoid(w)[i] of a
-weighted sum), grouped by w.
+Zobrist keys, the commit sequences P + c (schedule_vec), and for the defer rule the units that
+touch a unit's tensors.
 """
 
 from __future__ import annotations
@@ -86,7 +84,6 @@ class UnitTables:
         self.sparse: dict[int, dict[tuple[int, ...], tuple[int, int]]] = {}  # units with more bits
         self.set_commits = self._set_commits(upred)
         self.near, self.deferrable = self._neighbours(usucc)
-        self._run_groups(usucc)
         rng = np.random.default_rng(5)  # Zobrist keys: a set's key is the xor of its units' keys
         self.zobrist = rng.integers(1, 2**63, m, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
 
@@ -138,59 +135,6 @@ class UnitTables:
                 near[u, [v for v in bits(touched[r]) if v != u]] = True
         deferrable = np.array([bool(usucc[u]) for u in range(m)], bool)
         return near, deferrable
-
-    def _run_groups(self, usucc: list[set[int]]) -> None:
-        """group[u]: the w-group of unit u (-1: none); groups: members of each, sorted; peer[u, v]: v is
-        in u's group and shares a successor with u; lower_words[u]: the members of u's group below u;
-        succ_mat[u, v]: v succeeds u."""
-        m = self.m
-        by_root: dict[int, list[int]] = {}
-        for u in range(m):
-            w = self._shared_small_input(u)
-            if w is not None:
-                by_root.setdefault(w, []).append(u)
-        self.group = np.full(m, -1, np.int32)
-        self.groups: list[tuple[int, ...]] = []
-        for members in by_root.values():
-            taken = [self._taken_over(u) for u in members]
-            independent = all(not (self.below[u] >> v) & 1 for u in members for v in members)
-            # the run argument: members run in any order reach the same bytes (each takes over its own input)
-            if len(members) < 2 or not independent or len({t for t in taken if t is not None}) < \
-                    sum(t is not None for t in taken):
-                continue
-            for u in members:
-                self.group[u] = len(self.groups)
-            self.groups.append(tuple(sorted(members)))
-        self.peer = np.zeros((m, m), bool)
-        self.succ_mat = np.zeros((m, m), bool)
-        for u in range(m):
-            self.succ_mat[u, list(usucc[u])] = True
-        lower = [0] * m
-        for members in self.groups:
-            for u in members:
-                self.peer[u, [v for v in members if v != u and usucc[v] & usucc[u]]] = True
-                lower[u] = sum(1 << v for v in members if v < u)
-        self.lower_words = [words(x, self.width) for x in lower]
-
-    def _shared_small_input(self, u: int) -> int | None:
-        """The root w when unit u is one op with one output whose inputs that may die at it are at most
-        the input it takes over in place and w, which nobody takes over in place; else None."""
-        if len(self.units[u]) != 1:
-            return None
-        prob, x = self.prob, self.units[u][0]
-        e = prob.effects[x]
-        if len(e.out_sizes) != 1 or not e.out_sizes[0]:
-            return None
-        taken = self._taken_over(u)
-        dying = {r: users for o in (*prob.pending[x], x) for r, size, users in prob.effects[o].reads
-                 if size and not users & prob.desc[x]}  # no reader after x keeps it
-        dying.pop(taken, None)
-        if len(dying) != 1:
-            return None
-        (w, users), = dying.items()
-        if any(w == d for o in bits(users) for d, _, _ in prob.effects[o].donors):
-            return None
-        return w
 
     def _taken_over(self, u: int) -> int | None:
         """The input root that unit u takes over in place, when u is one op with one output of the

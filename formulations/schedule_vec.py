@@ -28,19 +28,6 @@ Exact rules (each keeps some optimal order reachable; tests check them against b
   before it. A commit may override the
   constraint (it needs only that some completion exists); merged duplicates with different
   constraints keep none.
-- runs (weighted sums): a deferred unit u of a w-group (schedule_units: one op reading a small shared
-  w, e.g. x_i * sigmoid(w)[i], besides the input it takes over) is moved later to just before the
-  first of (its first consumer, the member that frees w): every step in between drops by what u
-  holds (w dies no later: u stays before the member that frees it), and its own step is no more
-  than the bytes held before that unit. Units moved before one consumer are peers (they share it;
-  any order); before the freer they are all members still pending, whose order changes no step
-  (each only adds bytes until the freer's step, the same sum in any order: members are independent
-  and take over distinct inputs), so they run in index order with the freer last. So u must be
-  followed by one of its successors, a peer, or, when every member below it is done, by the lowest
-  pending member, after which only the lowest pending member may run until the freer (constraint
-  "run of group g"). Deferred members are not committed (the run places them). This keeps the
-  products of a weighted sum from running early in every subset that fits the budget (a
-  RandWire-ER stage: 6.1M states -> 1.4M).
 - guide (formulations/schedule_guide.py): states whose relaxed projection cannot reach the end under
   the budget are dropped.
 
@@ -82,7 +69,7 @@ class Layer:
     peak: np.ndarray  # (n,) int64 lowest peak reaching the set (at least the floor)
     mem: np.ndarray  # (n,) int64 bytes resident after the set
     queue: np.ndarray  # (n, 2) int16 units still to run of a committed sequence (NONE: none)
-    after: np.ndarray  # (n,) int16 the next unit's constraint: near unit a (a < m), run of group a - m - 1, NONE
+    after: np.ndarray  # (n,) int16 defer: the next unit must be near this one (NONE: any)
 
     def part(self, cut: slice) -> Layer:
         return Layer(self.states[:, cut], self.key[cut], self.rkey[cut], self.peak[cut], self.mem[cut],
@@ -96,7 +83,6 @@ class Rules:
     commit: bool = True
     set_commit: bool = True
     defer: bool = True
-    runs: bool = True  # needs defer
 
 
 def search(prob: Problem, units: Sequence[Sequence[int]], start: int = 0, *, budget: float = INF,
@@ -254,18 +240,15 @@ def _expand(tab: UnitTables, layer: Layer, limit: int, rules: Rules, guide: Guid
         if ok.size < idx.size:
             idx, base, step, dpeak, dmem = idx[ok], base[ok], step[ok], dpeak[ok], dmem[ok]
             after = None if flat else after[ok]
-        # defer: u freed nothing (its peak is its final mem), so a later place is never worse
-        deferred = (dpeak == dmem) & (dmem >= 0) if rules.defer and tab.deferrable[u] else np.zeros(idx.size, bool)
-        then = np.where(deferred, u, NONE).astype(np.int16)
-        runs = rules.runs and rules.defer and tab.group[u] >= 0
-        if runs:
-            then = _run_then(tab, u, then, layer.after[idx])
         if rules.commit and tab.commit[u]:
             committed = dmem <= 0 if flat else (step <= peak[idx]) & (dmem <= 0)
-            if runs:  # the run rule places deferred members
-                committed &= ~deferred
         else:
             committed = np.zeros(idx.size, bool)
+        # defer: u freed nothing (its peak is its final mem), so a later place is never worse
+        if rules.defer and tab.deferrable[u]:
+            then = np.where((dpeak == dmem) & (dmem >= 0), u, NONE).astype(np.int16)
+        else:
+            then = np.full(idx.size, NONE, np.int16)
         add(idx, u, after, base + dmem, committed, None, then)
     if rules.commit and rules.set_commit and tab.set_commits and parts:
         open_ = free.copy()
@@ -279,7 +262,7 @@ def _expand(tab: UnitTables, layer: Layer, limit: int, rules: Rules, guide: Guid
     parent, unit, mem2, committed, then = (np.concatenate([p[i] for p in parts]) for i in (0, 1, 3, 4, 6))
     peak2 = np.full(parent.size, peak[0]) if flat else np.concatenate([p[2] for p in parts])
     rest = np.concatenate([np.full((p[0].size, 2), NONE, np.int16) if p[5] is None else p[5] for p in parts])
-    keep = _allowed(tab, layer, parent, unit, rules.runs and rules.defer)
+    keep = tab.near[np.where(layer.after[parent] < 0, tab.m, layer.after[parent]), unit]
     if committed.any():  # a state with a commit keeps only its first (single units before sequences)
         chosen = np.flatnonzero(committed)
         _, first = np.unique(parent[chosen], return_index=True)
@@ -300,53 +283,6 @@ def _expand(tab: UnitTables, layer: Layer, limit: int, rules: Rules, guide: Guid
     rest, then = rest[keep], then[keep]
     rest[mixed], then[mixed] = NONE, NONE
     return parent[keep], unit[keep], peak2[keep], mem2[keep], child_key[keep], child_rkey[keep], rest, then
-
-
-def _run_then(tab: UnitTables, u: int, then: np.ndarray, anchor: np.ndarray) -> np.ndarray:
-    """The constraint after deferred member u of group g: a run of g when the state was in one, or when
-    u followed a member that is not its peer (their common target is the freer); else near u."""
-    g, m = int(tab.group[u]), tab.m
-    a = anchor.astype(np.int64)
-    member = (a >= 0) & (a < m)
-    member[member] = tab.group[a[member]] == g
-    member[member] = ~tab.peer[a[member], u]
-    return np.where((then == u) & ((a == m + 1 + g) | member), m + 1 + g, then).astype(np.int16)
-
-
-def _lowest_pending(tab: UnitTables, states: np.ndarray, g: int) -> np.ndarray:
-    """Per state (columns of `states`): the lowest member of group g not in it (NONE: all are)."""
-    out = np.full(states.shape[1], NONE, np.int64)
-    for v in reversed(tab.groups[g]):
-        out = np.where((states[v >> 6] >> np.uint64(v & 63)) & np.uint64(1) == 0, v, out)
-    return out
-
-
-def _allowed(tab: UnitTables, layer: Layer, parent: np.ndarray, unit: np.ndarray, runs: bool) -> np.ndarray:
-    """Whether each child (parent, unit) meets its parent's constraint: near the anchor unit, or (runs)
-    after a deferred member a: a successor or peer of a, or the lowest pending member when every
-    member below a is done; in a run of group g: the lowest pending member."""
-    m = tab.m
-    a = layer.after[parent].astype(np.int64)
-    plain = a < m
-    if runs:
-        plain &= (a < 0) | (tab.group[np.clip(a, 0, m - 1)] < 0)
-    keep = np.ones(parent.size, bool)
-    keep[plain] = tab.near[np.where(a[plain] < 0, m, a[plain]), unit[plain]]
-    if plain.all():
-        return keep
-    for anchor in np.unique(a[~plain]).tolist():
-        rows = np.flatnonzero(a == anchor)
-        g = anchor - m - 1 if anchor > m else int(tab.group[anchor])
-        states = layer.states[:, parent[rows]]
-        ok = unit[rows] == _lowest_pending(tab, states, g)
-        if anchor < m:
-            below = np.ones(rows.size, bool)
-            for w, msk in tab.lower_words[anchor]:
-                below &= (states[w] & msk) == msk
-            ok &= below
-            ok |= tab.succ_mat[anchor, unit[rows]] | tab.peer[anchor, unit[rows]]
-        keep[rows] = ok
-    return keep
 
 
 def _set_commit_children(tab: UnitTables, layer: Layer, open_: np.ndarray, add, flat: bool) -> None:

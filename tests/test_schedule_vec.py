@@ -113,12 +113,11 @@ def test_vector_search_equals_brute_force(weights, alignment, engine):
             assert at.status == "optimal" and max(prob.profile(at.order)) == best, g.name
 
 
-RULES = [Rules(False, False, False, False), Rules(True, False, False, False), Rules(True, True, False, False),
-         Rules(False, False, True, False), Rules(False, False, True, True), Rules(runs=False), Rules()]
+RULES = [Rules(False, False, False), Rules(True, False, False), Rules(True, True, False), Rules(False, False, True),
+         Rules()]
 
 
-@pytest.mark.parametrize("rules", RULES,
-                         ids=lambda r: f"c{int(r.commit)}s{int(r.set_commit)}d{int(r.defer)}r{int(r.runs)}")
+@pytest.mark.parametrize("rules", RULES, ids=lambda r: f"c{int(r.commit)}s{int(r.set_commit)}d{int(r.defer)}")
 def test_each_rule_keeps_the_optimum(rules, engine):
     """Every rule alone and all together, on graphs too big to enumerate (the reference DP has no
     reductions), with shared lazy sigmoids, in-place muls and adds (weighted sums) among them."""
@@ -148,38 +147,6 @@ def test_rules_prune_states():
         assert a.status == b.status == "no_better", g.name
         plain, fewer = plain + a.states, fewer + b.states
     assert fewer * 3 < plain * 2  # measured: 44% fewer on weighted_sum_graph(seed, 8)
-
-
-def test_weighted_sum_products_form_run_groups():
-    """The products x_i * sigmoid(w)[i] of each weighted sum form one group (they share w); the first
-    two, both read by the first add, are peers; units outside weighted sums are in none."""
-    g = weighted_sum_graph(59, 4)
-    prob = Problem(g)
-    units = [(o,) for o in range(prob.n) if not prob.lazy[o]]
-    tab = UnitTables(prob, units, 0)
-    name = lambda u: g.ops[units[u][0]].name
-    assert [[name(u) for u in members] for members in tab.groups] == [["mul3_0", "mul3_1", "mul3_2"]]
-    first, second, third = tab.groups[0]
-    assert tab.peer[first, second] and tab.peer[second, first] and not tab.peer[first, third]
-    assert tab.lower_words[third] and not tab.lower_words[first]
-    assert all(tab.group[u] < 0 for u in range(tab.m) if not name(u).startswith("mul"))
-
-
-def test_runs_prune_weighted_sums(engine):
-    """The run rule on top of the others: the same answers with fewer states on weighted sums, whose
-    products would otherwise run early in every subset the budget allows."""
-    plain = fewer = 0
-    for seed in range(12):
-        g = weighted_sum_graph(seed, 8)
-        prob = Problem(g)
-        units = neutral_units(prob, [o for o in range(prob.n) if not prob.lazy[o]])
-        best = search(prob, units, rules=Rules(runs=False)).peak
-        assert search(prob, units).peak == best, g.name
-        a = search(prob, units, budget=best, floor=best - 1, rules=Rules(runs=False))
-        b = search(prob, units, budget=best, floor=best - 1)
-        assert a.status == b.status == "no_better", g.name
-        plain, fewer = plain + a.states, fewer + b.states
-    assert fewer < plain
 
 
 def test_zobrist_collision_is_caught_not_merged(monkeypatch):
