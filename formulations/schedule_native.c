@@ -319,7 +319,8 @@ scanned:;
     int lo = chosen < 0 ? 0 : chosen, hi = chosen < 0 ? nc : chosen + 1, kept = 0;
     for (int c = lo; c < hi; c++) {  /* keys first, their table entries fetched ahead */
         int u = cand[c].u;
-        if (chosen < 0 && !near[u]) continue;
+        /* defer: near the anchor, or itself deferred with a higher index (schedule_vec's rule) */
+        if (chosen < 0 && !near[u] && !(cand[c].then >= 0 && u > me->after)) continue;
         cand[kept] = cand[c];
         Cand *x = &cand[kept++];
         x->key = cur->key[i] ^ t->zob[u];

@@ -20,14 +20,16 @@ Exact rules (each keeps some optimal order reachable; tests check them against b
   that may run first: moved to the front of any completion it raises no step (what it frees is
   freed earlier; what it allocates nobody before it reads; with more done, a set frees at least as
   much). The state's child is P's first unit with the rest queued (forced successors).
-- defer: a unit run that frees nothing (its steps peak at its final mem, dpeak == dmem >= 0) must
-  be followed right away by a unit that reads or writes one of its tensors or succeeds it ("near").
-  Any order can be put in that form: move such a unit later to just before the first near unit
-  after it; nothing in between touches its tensors, so every step in between drops by what it
-  holds and its own step becomes the bytes held before that near unit, no more than the step
-  before it. A commit may override the
-  constraint (it needs only that some completion exists); merged duplicates with different
-  constraints keep none.
+- defer: a unit u run that frees nothing (its steps peak at its final mem, dpeak == dmem >= 0) must
+  be followed right away by a unit that reads or writes one of its tensors or succeeds it ("near"),
+  or by a unit with a higher index that frees nothing either. Any order can be put in that form by
+  swapping such a u with the unit z after it while z is neither near u nor a higher-index unit that
+  frees nothing: they share no tensor, so their deltas do not change, z's step drops by what u
+  holds, and u's new step, mem + dmem(z) + dmem(u), is no more than z's old one (dmem(z) <= dpeak(z))
+  or u's (dmem(z) <= 0). Each swap lowers the number of such pairs in the wrong order, so it ends.
+  (Requiring a near unit alone is not exact: two units that free nothing, independent of each other,
+  before one near unit cannot both be followed by it.) A commit may override the constraint (it
+  needs only that some completion exists); merged duplicates with different constraints keep none.
 - guide (formulations/schedule_guide.py): states whose relaxed projection cannot reach the end under
   the budget are dropped.
 
@@ -262,7 +264,9 @@ def _expand(tab: UnitTables, layer: Layer, limit: int, rules: Rules, guide: Guid
     parent, unit, mem2, committed, then = (np.concatenate([p[i] for p in parts]) for i in (0, 1, 3, 4, 6))
     peak2 = np.full(parent.size, peak[0]) if flat else np.concatenate([p[2] for p in parts])
     rest = np.concatenate([np.full((p[0].size, 2), NONE, np.int16) if p[5] is None else p[5] for p in parts])
-    keep = tab.near[np.where(layer.after[parent] < 0, tab.m, layer.after[parent]), unit]
+    anchor = layer.after[parent]
+    # defer: near the anchor, or itself deferred with a higher index (a run of deferred units in index order)
+    keep = tab.near[np.where(anchor < 0, tab.m, anchor), unit] | ((then >= 0) & (unit > anchor))
     if committed.any():  # a state with a commit keeps only its first (single units before sequences)
         chosen = np.flatnonzero(committed)
         _, first = np.unique(parent[chosen], return_index=True)
