@@ -249,7 +249,6 @@ def summarize(rows: list[dict]) -> dict:
         }
     fast = [r for r in rows if "auto10" in r]
     if fast:
-        main = f"{fast[0]['auto'].get('time_limit', 60):g} s (first table)"
         ratios = [r["auto10"]["peak"] / r["orders"]["rpo"]["peak"] for r in fast]
         out["auto_10s"] = {"graphs": len(fast), "max_seconds": max(r["auto10"]["seconds"] for r in fast),
                            "max_cpu_seconds": max(r["auto10"]["cpu_seconds"] for r in fast),
