@@ -109,11 +109,19 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
     from planner import baselines
 
     def counted(probe, log: list):
-        """The probe, recording (budget, status, states, seconds) of every call."""
+        """The probe, recording (budget, status, states, seconds) of every call (of its guide-only
+        refutation too: status "refuted" or "not refuted", 0 states)."""
         def run(budget, floor, until):
             res = probe(budget, floor, until)
             log.append((budget, res.status, res.states, res.seconds))
             return res
+
+        def refutes(budget, until):
+            t0 = time.perf_counter()
+            got = probe.refutes(budget, until)
+            log.append((budget, "refuted" if got else "not refuted", 0, time.perf_counter() - t0))
+            return got
+        run.refutes = refutes
         return run
 
     prob = Problem(graph)

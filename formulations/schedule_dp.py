@@ -421,7 +421,10 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     commit rule then prunes the most): "no_better" proves B a lower bound, an order lowers the
     peak. Within 1/`close` of the bound (after the relaxation, RandWire stages: 0.01%) a probe
     takes the bound as its floor instead: its order is then the optimum under B, proven in one
-    search instead of bisecting bytes, and it gets nine tenths of the time left. The first probe
+    search instead of bisecting bytes, with nine tenths of the time left. There a probe that has
+    `refutes(level, deadline)` (a guided VectorProbe) first tries to prove the peak optimal from its
+    guide alone (half the time left); if it cannot, the first probe sits in the middle of the gap
+    (two thirds of the time left). Farther from the bound the first probe
     sits just under the peak (it proves the peak optimal or improves it) with two thirds of the
     time left; after it, probes bisect the gap between bound and peak, each with half the time
     left (a probe at a lower level stores no more states).
@@ -440,6 +443,15 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     bound = -(-bound // grain) * grain
     half = lambda lo, hi: lo + grain * ((hi - lo) // grain // 2)  # a multiple of grain in [lo, hi]
     level, top_failed = peak, False
+    refutes = getattr(probe, "refutes", None)
+    if refutes is not None and peak > bound and peak - bound <= peak // close:
+        # close to the bound: a guide's tight-step bound (formulations/schedule_guide.py) may prove the
+        # peak optimal alone; else start in the middle: a lower probe stores fewer states, its guide
+        # often refutes it at once, and a probe that finds an order finds the optimum
+        now = time.perf_counter()
+        if refutes(peak, now + (deadline - now) / 2):
+            bound = peak
+        level = half(bound, peak + grain)
     while peak > bound and bound < level <= peak:
         now = time.perf_counter()
         if now >= deadline:
@@ -449,7 +461,7 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
         # some order under it (the states are the same sets; the commit rule is a little weaker)
         exact = level - bound <= level // close
         res = probe(level, bound if exact else max(bound, level - 1),
-                    now + (deadline - now) * (0.9 if exact else 2 / 3 if top else 1 / 2))
+                    now + (deadline - now) * (0.9 if exact and top else 2 / 3 if exact or top else 1 / 2))
         if res.status == "no_better":
             bound = level
             level = half(bound, peak + grain)

@@ -14,6 +14,21 @@ completion under B either: take any real completion under B, move its relaxed-la
 before their first consumers (that raises no relaxed step: schedule_dp's lazy rule), and it is a
 relaxed completion of the projection whose steps are no higher than the real ones.
 
+Tight steps: the relaxed optimum misses the real one by the small buffers resident at its highest
+steps (RandWire: the sigmoid(w) of each weighted sum in progress, 8-40 bytes each). A relaxed step of
+(T, u) within `large` (the smallest buffer the relaxation counts) of the budget is tight: in a real
+order under the budget whose projection runs u from T, no relaxed-lazy op whose owner is not in
+T' = T + u has allocated a counted buffer early (it would still be resident: step + large >= budget),
+so the real step of u's highest op is at least the relaxed step plus every small buffer that is
+certainly resident then: one of its readers has run or is running (an op of a unit of T'; of T when
+u has several ops, the highest maybe before that reader; a unit of one op has its highest step at that
+op, its lazy ops only add bytes before it) and one has
+certainly not (its unit is not in T'; or it is a relaxed-lazy op whose owners are not in T' and that
+either allocates a counted buffer with no donor, or cannot run yet: the producer of a counted input,
+or another reader of its in-place donor, certainly has not run either). The backward search drops a
+tight transition whose step plus these bytes (SmallBuffers.forced, a function of T') reaches the
+budget, so the guide admits fewer sets, and none when no real order fits: the probe then answers at once.
+
 Size: the co-reachable relaxed sets (10^5 - 10^7 on RandWire stages); their Zobrist keys go into a
 one-hash Bloom table of 16 bits per key (at most 128 MiB), one lookup per state. A false positive or a
 key collision only admits a state, never prunes one wrongly.
@@ -22,16 +37,17 @@ key collision only admits a state, never prunes one wrongly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from formulations import schedule_native
-from formulations.schedule_dp import INF, Problem, SearchResult
+from formulations.schedule_dp import INF, Problem, SearchResult, bits
 from formulations.schedule_units import UnitTables
 from formulations.schedule_vec import CHUNK, _children, _merge, search
 
+GUIDE_CAP = 60_000_000  # relaxed sets a guide's backward search may store (8 bytes each for the keys)
 MAX_TABLE_BITS = 30  # the Bloom table of a guide: at most 2^30 bits (128 MiB), 16 bits per key below that
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +77,83 @@ class Guide:
         return (self.table[(at >> np.uint64(6)).astype(np.int64)] >> (at & np.uint64(63))) & np.uint64(1) != 0
 
 
-def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_cap: int = 20_000_000) -> \
+@dataclass(frozen=True, slots=True)
+class SmallBuffers:
+    """Buffers the relaxation counts as 0 that are certainly resident at a tight step (module docstring),
+    over the relaxed units: per buffer its real size, `done` (a unit of it in T': a reader has run or is
+    running; None: always) and witnesses (a, bs): no unit of `a` in T' and (bs None, or no unit of some b
+    of bs in T') prove a reader still to run."""
+
+    sizes: tuple[int, ...]
+    done: tuple[int | None, ...]
+    witnesses: tuple[tuple[tuple[int, tuple[int, ...] | None], ...], ...]
+    large: int  # the smallest buffer the relaxation counts: a step within it of the budget is tight
+
+    @classmethod
+    def of(cls, prob: Problem, relaxed: Problem, tab: UnitTables) -> SmallBuffers:
+        rsize = {t: sz for t, sz, _, _ in relaxed.roots}
+        done_by = lambda o: tab.done_by.get(o, 0)  # noqa: E731 - units after which op o is done
+        started = lambda o: (tab.start >> o) & 1  # noqa: E731
+
+        def witness(r: int) -> tuple[int, tuple[int, ...] | None] | None:
+            """Why reader op r has certainly not run at a tight step with none of `a` in T'."""
+            if not relaxed.lazy[r]:
+                return done_by(r), None
+            e = relaxed.effects[r]
+            donors = [users for _, sz, users in e.donors if sz]
+            if any(e.out_sizes) and not donors:
+                return done_by(r), None  # run early, its counted output would still be resident
+            bs = [done_by(p) for t, sz, _ in e.reads if sz
+                  for p in [relaxed.graph.producer.get(t)] if p is not None and not relaxed.lazy[p] and not started(p)]
+            for users in donors:  # taken over in place only after every other reader ran
+                bs += [done_by(q) for q in bits(users & ~(1 << r))
+                       if not started(q) and (not relaxed.lazy[q] or any(relaxed.effects[q].out_sizes))]
+            return (done_by(r), tuple(bs)) if bs else None
+
+        sizes, done, witnesses = [], [], []
+        for t, sz, users, _ in prob.roots:
+            if not sz or rsize.get(t, 0):
+                continue
+            readers = list(bits(users))
+            ran = [r for r in readers if started(r)]
+            found = tuple(w for r in readers if not started(r) for w in [witness(r)] if w is not None)
+            if not found:
+                continue
+            any_done = 0
+            for r in readers:
+                any_done |= done_by(r)
+            sizes.append(sz)
+            done.append(None if ran else any_done)
+            witnesses.append(found)
+        large = min((sz for _, sz, _, _ in relaxed.roots if sz), default=0)
+        return cls(tuple(sizes), tuple(done), tuple(witnesses), large)
+
+    def forced(self, states: np.ndarray, ran: np.ndarray | None = None) -> np.ndarray:
+        """Bytes certainly resident at a tight step into each set of `states` ((W, n) unit bit-sets),
+        a reader having run when it is in `ran` (default: `states`; T' less a unit of several ops)."""
+        def meets(mask: int, sets: np.ndarray = states) -> np.ndarray:
+            hit = np.zeros(sets.shape[1], bool)
+            for w in range(sets.shape[0]):
+                part = (mask >> (64 * w)) & (2**64 - 1)
+                if part:
+                    hit |= (sets[w] & np.uint64(part)) != 0
+            return hit
+
+        total = np.zeros(states.shape[1], np.int64)
+        for sz, done, found in zip(self.sizes, self.done, self.witnesses):
+            pending = np.zeros(states.shape[1], bool)
+            for a, bs in found:
+                why = np.ones(states.shape[1], bool) if bs is None else np.zeros(states.shape[1], bool)
+                for b in bs or ():
+                    why |= ~meets(b)
+                pending |= ~meets(a) & why
+            if done is not None:
+                pending &= meets(done, states if ran is None else ran)
+            total += sz * pending
+        return total
+
+
+def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_cap: int = GUIDE_CAP) -> \
         tuple[np.ndarray | None, int]:
     """Zobrist keys of every set of `tab`'s units from which all of them can be finished with
     every step under `budget`, and the number of sets stored; None past the deadline or the cap.
@@ -102,6 +194,8 @@ def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarra
     """Backward children of a chunk: the sets minus one last unit run under `limit`, merged."""
     any_has = np.bitwise_or.reduce(states, axis=1).tolist()
     parents, units, mems = [], [], []
+    small = tab.small
+    forced = small.forced(states) if small is not None else None  # units of one op: u's readers count
     for u in range(tab.m):
         w, bit = u >> 6, 1 << (u & 63)
         if not any_has[w] & bit:
@@ -114,7 +208,18 @@ def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarra
             continue
         dpeak, dmem = tab.deltas(u, states, idx)
         before = mem[idx] - dmem
-        ok = before + dpeak < limit
+        step = before + dpeak
+        ok = step < limit
+        if forced is not None:  # a tight step: the small buffers certainly resident count too
+            tight = np.flatnonzero(ok & (limit - step <= small.large))
+            at = idx[tight]
+            if len(tab.units[u]) == 1:
+                extra = forced[at]
+            else:  # the highest step may come before u's reader: readers of T only
+                ran = states[:, at].copy()
+                ran[w] &= ~np.uint64(bit)
+                extra = small.forced(states[:, at], ran)
+            ok[tight] = step[tight] + extra < limit
         parents.append(idx[ok])
         units.append(np.full(int(ok.sum()), u, np.int64))
         mems.append(before[ok])
@@ -136,11 +241,12 @@ class RelaxedGuides:
         parts = [tuple(x for x in u if not relaxed.lazy[x]) for u in units]
         kept = list(dict.fromkeys(p for p in parts if p))
         self.tables = UnitTables(relaxed, kept, start)
+        self.tables.small = SmallBuffers.of(prob, relaxed, self.tables)
         index = {p: k for k, p in enumerate(kept)}
         self.unit_keys = np.array([self.tables.zobrist[index[p]] if p else 0 for p in parts], np.uint64)
         self.last: tuple[int, Guide] | None = None  # the tightest guide built so far, with its budget
 
-    def at(self, budget: int, *, deadline: float = INF, state_cap: int = 20_000_000) -> Guide | None:
+    def at(self, budget: int, *, deadline: float = INF, state_cap: int = GUIDE_CAP) -> Guide | None:
         """The guide at `budget`; when its search gives up, the last one built at a budget no lower
         (co-reachable under a higher budget is a superset: still sound), else None."""
         if not self.fits:
@@ -155,19 +261,34 @@ class RelaxedGuides:
         return guide
 
 
-def vector_probe(prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
-                 state_cap: int, guide_share: float = 1 / 2) -> Callable[[int, int, float], SearchResult]:
+class VectorProbe:
     """A probe for schedule_dp.descend: schedule_vec.search of `units` (tables compiled once), guided
     by `relaxed` when given (its backward search gets `guide_share` of each probe's time)."""
-    tables = UnitTables(prob, units, start)
-    guides = RelaxedGuides(prob, relaxed, units, start) if relaxed is not None else None
 
-    def probe(budget: int, floor: int, deadline: float) -> SearchResult:
+    def __init__(self, prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
+                 state_cap: int, guide_share: float = 3 / 4) -> None:
+        self.prob, self.units, self.start, self.state_cap, self.guide_share = prob, units, start, state_cap, guide_share
+        self.tables = UnitTables(prob, units, start)
+        self.guides = RelaxedGuides(prob, relaxed, units, start) if relaxed is not None else None
+
+    def __call__(self, budget: int, floor: int, deadline: float) -> SearchResult:
         guide = None
-        if guides is not None:
+        if self.guides is not None:
             now = time.perf_counter()
-            guide = guides.at(budget, deadline=now + (deadline - now) * guide_share)
-        return search(prob, units, start, budget=budget, floor=floor, state_cap=state_cap, deadline=deadline,
-                      tables=tables, guide=guide)
+            guide = self.guides.at(budget, deadline=now + (deadline - now) * self.guide_share)
+        return search(self.prob, self.units, self.start, budget=budget, floor=floor, state_cap=self.state_cap,
+                      deadline=deadline, tables=self.tables, guide=guide)
 
-    return probe
+    def refutes(self, budget: int, deadline: float) -> bool:
+        """Whether the guide at `budget` alone proves that no order peaks under it (its backward search
+        never reaches the empty set); False without a guide or past the deadline."""
+        if self.guides is None:
+            return False
+        guide = self.guides.at(budget, deadline=deadline)
+        return guide is not None and not guide.admits(np.zeros(1, np.uint64))[0]
+
+
+def vector_probe(prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
+                 state_cap: int, guide_share: float = 3 / 4) -> VectorProbe:
+    """descend's probe on the vector engine (VectorProbe)."""
+    return VectorProbe(prob, units, start, relaxed=relaxed, state_cap=state_cap, guide_share=guide_share)

@@ -1,7 +1,8 @@
 /* The layered down-set search of formulations/schedule_vec.py, one state at a time in C.
  *
  * Same model, rules and answers as schedule_vec.search (forward) and schedule_guide.coreachable
- * (backward); formulations/schedule_native.py builds the tables, compiles this file and calls it.
+ * (backward, with the small buffers certainly resident at tight steps when the tables have them);
+ * formulations/schedule_native.py builds the tables, compiles this file and calls it.
  * A state: a set of units (W 64-bit words), its Zobrist key, the key of its relaxed projection
  * (the guide), the lowest peak reaching it, the bytes resident after it (a function of the set),
  * the forced units of a committed sequence (q0, q1) and the defer constraint (after).
@@ -40,11 +41,22 @@ typedef struct {
     const int32_t *sc_start;           /* m + 1: set commits whose first unit is u */
     const int16_t *sc_seq;             /* per set commit: 3 units (-1 padded) */
     const uint64_t *sc_need, *sc_absent; /* per set commit, W words each */
+    const int64_t *sm_size;            /* per small buffer (schedule_guide.SmallBuffers): real bytes */
+    const uint8_t *sm_always;          /* 1: a reader has run in every state */
+    const uint8_t *sm_single;          /* m: the unit has one op */
+    const uint64_t *sm_done;           /* W words: a unit of it in the set: a reader has run or runs */
+    const int32_t *sm_wit;             /* n + 1: range of each buffer's witnesses */
+    const uint64_t *wit_a;             /* per witness, W words: none may be in the set */
+    const int32_t *wit_b;              /* per witness + 1: range of its masks of which one must miss the set
+                                          (an empty range: none needed) */
+    const uint64_t *wit_bmask;
     const uint64_t *ukey;              /* m: relaxed unit keys of the guide (NULL: no guide) */
     const uint64_t *gtable;            /* the guide's Bloom table */
     uint64_t gshift;
     fill_fn fill;
     int32_t set_commit, defer, commit_rule;
+    int32_t sm_n;                      /* small buffers (0: none) */
+    int64_t sm_large;                  /* a step within this of the limit is tight */
 } Tables;
 
 typedef struct { uint64_t key; int64_t idx; } Slot;
@@ -349,18 +361,54 @@ scanned:;
     return 0;
 }
 
-/* Backward children of state i: the set less one unit that may run last, under the limit. */
+/* Bytes of the small buffers certainly resident at a tight step into the set s (SmallBuffers.forced);
+ * u >= 0: a reader in unit u does not count as run (u has several ops). */
+static int64_t forced(const Tables *t, const uint64_t *s, int u) {
+    int W = t->W;
+    int64_t total = 0;
+    for (int j = 0; j < t->sm_n; j++) {
+        const uint64_t *d = t->sm_done + (int64_t)j * W;
+        if (!t->sm_always[j] && !meets(d, s, W)) continue;
+        if (!t->sm_always[j] && u >= 0) {
+            int ran = 0;
+            for (int w = 0; w < W && !ran; w++)
+                ran = (d[w] & s[w] & ~(w == u >> 6 ? 1ULL << (u & 63) : 0)) != 0;
+            if (!ran) continue;
+        }
+        int pending = 0;
+        for (int k = t->sm_wit[j]; k < t->sm_wit[j + 1] && !pending; k++) {
+            if (meets(t->wit_a + (int64_t)k * W, s, W)) continue;
+            pending = t->wit_b[k] == t->wit_b[k + 1];
+            for (int b = t->wit_b[k]; b < t->wit_b[k + 1] && !pending; b++)
+                pending = !meets(t->wit_bmask + (int64_t)b * W, s, W);
+        }
+        if (pending) total += t->sm_size[j];
+    }
+    return total;
+}
+
+/* Backward children of state i: the set less one unit that may run last, under the limit (a tight
+ * step also with the small buffers certainly resident, schedule_guide's module docstring). */
 static int shrink_one(Work *w, int64_t i) {
     const Tables *t = w->t;
     const Layer *cur = w->cur;
     int W = t->W;
     const uint64_t *s = cur->set + i * W, *rd = cur->ready + i * W;
+    int64_t small = -1;  /* forced(t, s) once needed */
     for (int x = 0; x < W; x++) for (uint64_t b = rd[x]; b; b &= b - 1) {
         int u = 64 * x + __builtin_ctzll(b);
         int64_t dp, dm;
         if (delta(t, u, s, &dp, &dm)) return FAILED;
-        int64_t before = cur->mem[i] - dm;
-        if (before + dp >= w->limit) continue;
+        int64_t before = cur->mem[i] - dm, step = before + dp;
+        if (step >= w->limit) continue;
+        if (t->sm_n && w->limit - step <= t->sm_large) {
+            int64_t extra;
+            if (t->sm_single[u]) {
+                if (small < 0) small = forced(t, s, -1);
+                extra = small;
+            } else extra = forced(t, s, u);
+            if (step + extra >= w->limit) continue;
+        }
         memcpy(w->child, s, (size_t)W * 8);
         w->child[u >> 6] ^= 1ULL << (u & 63);
         last_after(t, rd, w->child, u, w->ready);

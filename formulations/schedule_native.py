@@ -41,10 +41,11 @@ class _Tables(ctypes.Structure):
                 *((name, ctypes.c_void_p) for name in (
                     "pred", "succ", "zob", "succ_start", "succ_list", "pred_start", "pred_list", "commit",
                     "deferrable", "near", "test_start", "test_and", "term_start",
-                    "term_or", "dense_off", "dense", "sc_start", "sc_seq", "sc_need", "sc_absent", "ukey",
-                    "gtable")),
+                    "term_or", "dense_off", "dense", "sc_start", "sc_seq", "sc_need", "sc_absent", "sm_size",
+                    "sm_always", "sm_single", "sm_done", "sm_wit", "wit_a", "wit_b", "wit_bmask", "ukey", "gtable")),
                 ("gshift", ctypes.c_uint64), ("fill", FILL),
-                ("set_commit", ctypes.c_int32), ("defer", ctypes.c_int32), ("commit_rule", ctypes.c_int32)]
+                ("set_commit", ctypes.c_int32), ("defer", ctypes.c_int32), ("commit_rule", ctypes.c_int32),
+                ("sm_n", ctypes.c_int32), ("sm_large", ctypes.c_int64)]
 
 
 def library() -> ctypes.CDLL | None:
@@ -93,6 +94,15 @@ def _rows(pairs_list, width: int) -> np.ndarray:
     return out
 
 
+def _masks(masks: list[int], width: int) -> np.ndarray:
+    """Unit bit-sets given as ints, as (len, width) uint64 rows."""
+    out = np.zeros((max(1, len(masks)), width), np.uint64)
+    for i, mask in enumerate(masks):
+        for w in range(width):
+            out[i, w] = (mask >> (64 * w)) & (2**64 - 1)
+    return out
+
+
 class Kernel:
     """A UnitTables compiled for the kernel (cached on it: `Kernel.of(tab)`), with its step tables."""
 
@@ -127,8 +137,10 @@ class Kernel:
                 np.array(tab.commit, np.uint8), tab.deferrable.astype(np.uint8), tab.near.astype(np.uint8),
                 test_start, _rows([every for every, _ in preds], width), term_start, _rows(terms, width),
                 dense_off, self.dense, sc_start, sc_seq, _rows([c[1] for c in commits], width),
-                _rows([c[2] for c in commits], width))),
-            None, None, 0, self.fill, 1, 1, 1)
+                _rows([c[2] for c in commits], width),
+                *self._small(tab, width))),
+            None, None, 0, self.fill, 1, 1, 1,
+            len(tab.small.sizes) if tab.small is not None else 0, tab.small.large if tab.small is not None else 0)
         self.fits = max(nbits, default=0) <= MAX_BITS and m < 2**15
 
     @classmethod
@@ -140,6 +152,23 @@ class Kernel:
         if got is None:
             got = tab._kernel = cls(tab)
         return got if got.fits else None
+
+    @staticmethod
+    def _small(tab: UnitTables, width: int) -> tuple[np.ndarray, ...]:
+        """The arrays of a guide's schedule_guide.SmallBuffers (empty ones when there is none)."""
+        small = tab.small
+        single = np.array([len(u) == 1 for u in tab.units] or [False], np.uint8)
+        if small is None:
+            return (np.zeros(1, np.int64), np.zeros(1, np.uint8), single, np.zeros((1, width), np.uint64),
+                    np.zeros(1, np.int32), np.zeros((1, width), np.uint64), np.zeros(1, np.int32),
+                    np.zeros((1, width), np.uint64))
+        wits = [w for found in small.witnesses for w in found]
+        return (np.array(small.sizes, np.int64), np.array([d is None for d in small.done], np.uint8), single,
+                _masks([d or 0 for d in small.done], width),
+                np.cumsum([0, *(len(found) for found in small.witnesses)]).astype(np.int32),
+                _masks([a for a, _ in wits], width),
+                np.cumsum([0, *(len(bs or ()) for _, bs in wits)]).astype(np.int32),
+                _masks([b for _, bs in wits for b in bs or ()], width))
 
     def _ptr(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a)

@@ -84,6 +84,7 @@ class UnitTables:
         self.sparse: dict[int, dict[tuple[int, ...], tuple[int, int]]] = {}  # units with more bits
         self.set_commits = self._set_commits(upred)
         self.near, self.deferrable = self._neighbours(usucc)
+        self.small = None  # schedule_guide.SmallBuffers when these are a relaxation's tables (a guide's)
         rng = np.random.default_rng(5)  # Zobrist keys: a set's key is the xor of its units' keys
         self.zobrist = rng.integers(1, 2**63, m, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
 

@@ -196,6 +196,36 @@ def test_relaxation_guide_is_sound_and_prunes(engine):
     assert pruned >= 10
 
 
+def test_tight_step_bound_is_sound_and_proves_more(engine):
+    """The small buffers certainly resident at tight relaxed steps (SmallBuffers): on weighted sums and
+    random graphs with 8-16 byte buffers the relaxation counts as 0, the guide at the real optimum + 1
+    still leads to an order of that peak and the probe at the optimum finds none (the plain search's
+    optimum: exact against brute force above); the guide alone refutes the optimum more often than
+    without the bound (measured: 26 of 240 searches against 18)."""
+    refuted = {True: 0, False: 0}
+    for seed in range(30):
+        g = weighted_sum_graph(seed, 6 + seed % 4) if seed % 3 else \
+            random_graph(seed, random.Random(seed).randint(8, 14), [0, 4, 8, 8, 16, 16, 32])
+        for weights in (False, True):
+            prob = Problem(g, include_weights=weights)
+            ops = [o for o in range(prob.n) if not prob.lazy[o]]
+            for below in (13, 17):
+                relaxed = Problem(g, include_weights=weights, ignore_below=below)
+                for units in ([(o,) for o in ops], neutral_units(prob, ops)):
+                    best = search(prob, units, rules=Rules(False, False, False)).peak
+                    for small in (True, False):
+                        probe = vector_probe(prob, units, 0, relaxed=relaxed, state_cap=10**6)
+                        assert probe.guides.fits
+                        if not small:
+                            probe.guides.tables.small = None
+                        found = probe(best + 1, best, 1e18)
+                        assert found.status == "optimal" and found.peak == best, g.name
+                        assert max(prob.profile(found.order)) == best
+                        assert probe(best, best - 1, 1e18).status == "no_better", g.name
+                        refuted[small] += probe.refutes(best, 1e18)
+    assert refuted[True] > refuted[False] > 0
+
+
 def test_descend_with_vector_probes_proves_the_optimum(randwire):
     prob = Problem(randwire)
     segs = schedule.split_segments(prob)
