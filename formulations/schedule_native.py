@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from formulations.schedule_dp import INF, Problem, SearchResult
-from formulations.schedule_units import UnitTables
+from formulations.schedule_units import UnitTables, words
 
 SOURCE = Path(__file__).with_name("schedule_native.c")
 CACHE = Path.home() / ".cache" / "memplan" / "native"
@@ -96,11 +96,7 @@ def _rows(pairs_list, width: int) -> np.ndarray:
 
 def _masks(masks: list[int], width: int) -> np.ndarray:
     """Unit bit-sets given as ints, as (len, width) uint64 rows."""
-    out = np.zeros((max(1, len(masks)), width), np.uint64)
-    for i, mask in enumerate(masks):
-        for w in range(width):
-            out[i, w] = (mask >> (64 * w)) & (2**64 - 1)
-    return out
+    return _rows([words(mask, width) for mask in masks], width)
 
 
 class Kernel:
