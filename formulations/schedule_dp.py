@@ -422,9 +422,9 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     peak. Within 1/`close` of the bound (after the relaxation, RandWire stages: 0.01%) a probe
     takes the bound as its floor instead: its order is then the optimum under B, proven in one
     search instead of bisecting bytes, with nine tenths of the time left. There a probe that has
-    `refutes(level, deadline)` (a guided VectorProbe) first tries to prove the peak optimal from its
-    guide alone (half the time left); if it cannot, the first probe sits in the middle of the gap
-    (two thirds of the time left). Farther from the bound the first probe
+    `refutes(level, deadline)` (schedule_guide.VectorProbe) first tries to prove the peak optimal from
+    its guide alone (half the time left; an unguided one answers False at once); then the first probe
+    sits in the middle of the gap (two thirds of the time left). Farther from the bound the first probe
     sits just under the peak (it proves the peak optimal or improves it) with two thirds of the
     time left; after it, probes bisect the gap between bound and peak, each with half the time
     left (a probe at a lower level stores no more states).

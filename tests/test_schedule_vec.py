@@ -198,7 +198,7 @@ def test_relaxation_guide_is_sound_and_prunes(engine):
 
 def test_tight_step_bound_is_sound_and_proves_more(engine):
     """The small buffers certainly resident at tight relaxed steps (SmallBuffers): on weighted sums and
-    random graphs with 8-16 byte buffers the relaxation counts as 0, the guide at the real optimum + 1
+    random graphs with 4-32 byte buffers the relaxation counts as 0, the guide at the real optimum + 1
     still leads to an order of that peak and the probe at the optimum finds none (the plain search's
     optimum: exact against brute force above); the guide alone refutes the optimum more often than
     without the bound (measured: 26 of 240 searches against 18)."""
