@@ -223,7 +223,7 @@ class Problem:
     def grain(self, ops: Sequence[int], start: int) -> int:
         """A number dividing every step of any order of `ops` run after `start`: the gcd of the sizes
         of the buffers that can be resident then (RandWire stages: the smallest feature map)."""
-        end = start | sum(1 << o for o in ops)
+        end = start | sum(1 << o for o in set(ops))  # ops may repeat (a lazy op of several owners)
         found = 0
         for _, sz, users, prod in self.roots:
             exists = (end >> prod) & 1 if prod is not None else users & end
