@@ -122,6 +122,7 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
             log.append((budget, "refuted" if got else "not refuted", 0, time.perf_counter() - t0))
             return got
         run.refutes = refutes
+        run.bound = probe.bound
         return run
 
     prob = Problem(graph)

@@ -250,7 +250,8 @@ class Problem:
 class SearchResult:
     order: tuple[int, ...] | None  # every op run (lazy ones included); None when nothing beat the budget
     peak: float  # max(floor, peak of order); INF when order is None
-    status: str  # "optimal" | "no_better" (the budget is optimal) | "gave_up" | "beam"
+    status: str  # "optimal" | "no_better" (the budget is optimal) | "gave_up" | "beam" | "found" (an order under
+    # the budget, not proven the least: schedule_guide.VectorProbe's walk)
     states: int  # states stored
     seconds: float
 
@@ -423,11 +424,13 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     takes the bound as its floor instead: its order is then the optimum under B, proven in one
     search instead of bisecting bytes, with nine tenths of the time left. There a probe that has
     `refutes(level, deadline)` (schedule_guide.VectorProbe) first tries to prove the peak optimal from
-    its guide alone (half the time left; an unguided one answers False at once); then the first probe
-    sits in the middle of the gap (two thirds of the time left). Farther from the bound the first probe
-    sits just under the peak (it proves the peak optimal or improves it) with two thirds of the
-    time left; after it, probes bisect the gap between bound and peak, each with half the time
-    left (a probe at a lower level stores no more states).
+    its guide alone (half the time left; an unguided one answers False at once), and takes the guide's
+    own bound (`bound()`: no order peaks under it) when that is higher; then the first probe sits in
+    the middle of the gap (two thirds of the time left). A probe may answer "found": an order under
+    the level that is not proven the least (the guided walk): the peak drops, the bound stays.
+    Farther from the bound the first probe sits just under the peak (it proves the peak optimal or
+    improves it) with two thirds of the time left; after it, probes bisect the gap between bound
+    and peak, each with half the time left (a probe at a lower level stores no more states).
     Every step is a multiple of `Problem.grain`, so the bound rounds up to one and probes bisect
     multiples of it (RandWire: a handful of feature-map sizes between bound and peak, not bytes).
     `probe(budget, floor, deadline)`: the exact search that answers a probe (default: this module's
@@ -451,6 +454,9 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
         now = time.perf_counter()
         if refutes(peak, now + (deadline - now) / 2):
             bound = peak
+        found = getattr(probe, "bound", lambda: None)()  # the guide's own lower bound, below the peak
+        if found is not None and found > bound:
+            bound = min(peak, -(-found // grain) * grain)
         level = half(bound, peak + grain)
     while peak > bound and bound < level <= peak:
         now = time.perf_counter()
@@ -472,7 +478,7 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
             order, peak = list(res.order), max(prob.profile(res.order, start))
             if peak % grain:  # as above: never skip a level
                 grain = 1
-            if exact:  # the least peak of any order (the search's answer is max(floor, optimum), floor the bound)
+            if exact and res.status == "optimal":  # the least peak of any order (max(floor, optimum), floor the bound)
                 bound = max(bound, res.peak)
             level = half(bound, peak + grain)  # bisect: a lower probe costs no more than one at the peak
     return order, peak, bound, "optimal" if peak <= bound else "gave_up"

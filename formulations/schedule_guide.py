@@ -29,9 +29,18 @@ or another reader of its in-place donor, certainly has not run either). The back
 tight transition whose step plus these bytes (SmallBuffers.forced, a function of T') reaches the
 budget, so the guide admits fewer sets, and none when no real order fits: the probe then answers at once.
 
+Highs: the backward search also keeps, per set, the least highest step (tight steps with their small
+buffers) of a completion from it: its `high` (merged sets keep the lowest, a DP as the forward search's
+peaks). So one search at the best peak serves the whole bisection below it: the guide at B is the sets
+whose high is under B, and the empty set's high is a lower bound of the real optimum (RelaxedGuides.
+bound; every real order under the budget has its projection's steps, plus the resident small bytes at
+tight ones, at or under its own steps). Within `large` less the small buffers of the search's budget the
+tight steps are the same, so that guide is the one a search at B would build; further down a new search runs.
+
 Size: the co-reachable relaxed sets (10^5 - 10^7 on RandWire stages); their Zobrist keys go into a
 one-hash Bloom table of 16 bits per key (at most 128 MiB), one lookup per state. A false positive or a
-key collision only admits a state, never prunes one wrongly.
+key collision only admits a state, never prunes one wrongly. The keys and highs of the last search stay
+(16 bytes a set) for the next budget and for the guided walk (schedule_walk.py).
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ from formulations import schedule_native
 from formulations.schedule_dp import INF, Problem, SearchResult, bits
 from formulations.schedule_units import UnitTables
 from formulations.schedule_vec import CHUNK, _children, _merge, search
+from formulations.schedule_walk import walk
 
-GUIDE_CAP = 60_000_000  # relaxed sets a guide's backward search may store (8 bytes each for the keys)
+GUIDE_CAP = 60_000_000  # relaxed sets a guide's backward search may store (16 bytes each: key and high)
 MAX_TABLE_BITS = 30  # the Bloom table of a guide: at most 2^30 bits (128 MiB), 16 bits per key below that
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +164,12 @@ class SmallBuffers:
 
 
 def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_cap: int = GUIDE_CAP) -> \
-        tuple[np.ndarray | None, int]:
+        tuple[np.ndarray | None, np.ndarray | None, int]:
     """Zobrist keys of every set of `tab`'s units from which all of them can be finished with
-    every step under `budget`, and the number of sets stored; None past the deadline or the cap.
-    On the C kernel (schedule_native) when it is available, else with numpy."""
+    every step under `budget`, the least highest step of such a completion from each (its `high`:
+    tight steps with their certainly resident small buffers; the full set's is INT64_MIN), and the
+    number of sets stored; None past the deadline or the cap. On the C kernel (schedule_native)
+    when it is available, else with numpy."""
     kernel = schedule_native.Kernel.of(tab)
     if kernel is not None:
         return schedule_native.backward(kernel, budget, deadline=deadline, state_cap=state_cap)
@@ -166,34 +178,37 @@ def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_ca
     states = np.array([[(full >> (64 * w)) & (2**64 - 1)] for w in range(tab.width)], np.uint64)
     key = np.bitwise_xor.reduce(tab.zobrist, keepdims=True) if m else np.zeros(1, np.uint64)
     mem = np.array([tab.prob.mem(tab.done_of(full))], np.int64)
-    found, stored = [key], 1
+    high = np.array([np.iinfo(np.int64).min], np.int64)
+    found, highs, stored = [key], [high], 1
     for _ in range(m):
         parts = []
         for lo in range(0, states.shape[1], CHUNK):
             if time.perf_counter() > deadline:
-                return None, stored
+                return None, None, stored
             cut = slice(lo, lo + CHUNK)
-            got = _shrink(tab, states[:, cut], key[cut], mem[cut], budget)
+            got = _shrink(tab, states[:, cut], key[cut], mem[cut], high[cut], budget)
             parts.append((got[0] + lo, *got[1:]))
-        parent, unit, mem, key = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        parent, unit, mem, high, key = (np.concatenate([p[i] for p in parts]) for i in range(5))
         if len(parts) > 1:
-            keep, _ = _merge(key, np.zeros(key.size, np.int64), parent, unit, states)
-            parent, unit, mem, key = parent[keep], unit[keep], mem[keep], key[keep]
+            keep, _ = _merge(key, high, parent, unit, states)
+            parent, unit, mem, high, key = parent[keep], unit[keep], mem[keep], high[keep], key[keep]
         states = _children(states, parent, unit)
         found.append(key)
+        highs.append(high)
         stored += key.size
         if not key.size:
             break
         if stored > state_cap:
-            return None, stored
-    return np.concatenate(found), stored
+            return None, None, stored
+    return np.concatenate(found), np.concatenate(highs), stored
 
 
-def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarray, limit: int) -> \
+def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarray, high: np.ndarray, limit: int) -> \
         tuple[np.ndarray, ...]:
-    """Backward children of a chunk: the sets minus one last unit run under `limit`, merged."""
+    """Backward children of a chunk: the sets minus one last unit run under `limit`, merged (the
+    lowest `high` kept: the highest step of the best completion, tight steps with their small buffers)."""
     any_has = np.bitwise_or.reduce(states, axis=1).tolist()
-    parents, units, mems = [], [], []
+    parents, units, mems, highs = [], [], [], []
     small = tab.small
     forced = small.forced(states) if small is not None else None  # units of one op: u's readers count
     for u in range(tab.m):
@@ -209,9 +224,8 @@ def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarra
         dpeak, dmem = tab.deltas(u, states, idx)
         before = mem[idx] - dmem
         step = before + dpeak
-        ok = step < limit
         if forced is not None:  # a tight step: the small buffers certainly resident count too
-            tight = np.flatnonzero(ok & (limit - step <= small.large))
+            tight = np.flatnonzero((step < limit) & (limit - step <= small.large))
             at = idx[tight]
             if len(tab.units[u]) == 1:
                 extra = forced[at]
@@ -219,22 +233,27 @@ def _shrink(tab: UnitTables, states: np.ndarray, key: np.ndarray, mem: np.ndarra
                 ran = states[:, at].copy()
                 ran[w] &= ~np.uint64(bit)
                 extra = small.forced(states[:, at], ran)
-            ok[tight] = step[tight] + extra < limit
+            step[tight] += extra
+        ok = step < limit
         parents.append(idx[ok])
         units.append(np.full(int(ok.sum()), u, np.int64))
         mems.append(before[ok])
+        highs.append(np.maximum(step[ok], high[idx[ok]]))
     if not parents:
         empty = np.zeros(0, np.int64)
-        return empty, empty, empty, np.zeros(0, np.uint64)
-    parent, unit, mem2 = (np.concatenate(x) for x in (parents, units, mems))
+        return empty, empty, empty, empty, np.zeros(0, np.uint64)
+    parent, unit, mem2, high2 = (np.concatenate(x) for x in (parents, units, mems, highs))
     child_key = key[parent] ^ tab.zobrist[unit]
-    keep, _ = _merge(child_key, np.zeros(parent.size, np.int64), parent, unit, states)
-    return parent[keep], unit[keep], mem2[keep], child_key[keep]
+    keep, _ = _merge(child_key, high2, parent, unit, states)
+    return parent[keep], unit[keep], mem2[keep], high2[keep], child_key[keep]
 
 
 class RelaxedGuides:
     """Guides for searching `units` of `prob` from `relaxed` (the same graph, sizes no larger, every
-    lazy op of `prob` lazy there too), one per budget; the relaxed tables are compiled once."""
+    lazy op of `prob` lazy there too); the relaxed tables are compiled once. One backward search at
+    the highest budget asked serves every lower one: a set's `high` (coreachable) is the least highest
+    step of its completions, so the guide at B <= that budget is the sets whose high is under B (a real
+    order under B is under the higher budget too, where the tight-step bound holds)."""
 
     def __init__(self, prob: Problem, relaxed: Problem, units: Sequence[Sequence[int]], start: int) -> None:
         self.fits = not any(prob.lazy[o] and not relaxed.lazy[o] for o in range(prob.n))
@@ -244,30 +263,59 @@ class RelaxedGuides:
         self.tables.small = SmallBuffers.of(prob, relaxed, self.tables)
         index = {p: k for k, p in enumerate(kept)}
         self.unit_keys = np.array([self.tables.zobrist[index[p]] if p else 0 for p in parts], np.uint64)
-        self.last: tuple[int, Guide] | None = None  # the tightest guide built so far, with its budget
+        self.real_of = {index[p]: k for k, p in enumerate(parts) if p}  # relaxed unit -> its real unit
+        self.lazy_units = [k for k, p in enumerate(parts) if not p]  # real units of relaxed-lazy ops only
+        self.top: tuple[int, np.ndarray, np.ndarray, int] | None = None  # budget, keys, highs, sets stored
+        self.sorted: tuple | None = None  # (top, its keys sorted, their highs) for highs_of
 
     def at(self, budget: int, *, deadline: float = INF, state_cap: int = GUIDE_CAP) -> Guide | None:
-        """The guide at `budget`; when its search gives up, the last one built at a budget no lower
-        (co-reachable under a higher budget is a superset: still sound), else None."""
+        """The guide at `budget`, from the backward search at a budget no lower (run now when there is
+        none); None when that search gives up."""
         if not self.fits:
             return None
         t0 = time.perf_counter()
-        keys, stored = coreachable(self.tables, budget, deadline=deadline, state_cap=state_cap)
-        if keys is None:
-            return self.last[1] if self.last is not None and self.last[0] >= budget else None
-        guide = Guide.of(self.unit_keys, keys, stored, time.perf_counter() - t0)
-        if self.last is None or budget <= self.last[0]:
-            self.last = (budget, guide)
-        return guide
+        small = self.tables.small
+        # below the window a step tight at `budget` may not be tight at the search's budget: build anew
+        window = small.large - sum(small.sizes) if small is not None and small.sizes else INF
+        if self.top is None or self.top[0] < budget or self.top[0] - budget > window:
+            keys, highs, stored = coreachable(self.tables, budget, deadline=deadline, state_cap=state_cap)
+            if keys is None:
+                return None
+            self.top = (budget, keys, highs, stored)
+        _, keys, highs, stored = self.top
+        return Guide.of(self.unit_keys, keys[highs < budget], stored, time.perf_counter() - t0)
+
+    def highs_of(self, keys: np.ndarray) -> np.ndarray:
+        """The high of each relaxed set key (coreachable) in the last backward search; the int64 maximum
+        for a set it did not store (none of its completions fits)."""
+        if self.sorted is None or self.sorted[0] is not self.top:
+            _, top_keys, top_highs, _ = self.top
+            order = np.argsort(top_keys)
+            self.sorted = (self.top, top_keys[order], top_highs[order])
+        _, skeys, shighs = self.sorted
+        at = np.minimum(np.searchsorted(skeys, keys), skeys.size - 1)
+        return np.where(skeys[at] == keys, shighs[at], np.iinfo(np.int64).max)
+
+    def bound(self) -> int | None:
+        """The least budget at which the last backward search's guide admits the empty set, less one:
+        no order peaks under it (that search's budget when even it does not); None before any."""
+        if self.top is None:
+            return None
+        budget, keys, highs, _ = self.top
+        empty = np.flatnonzero(keys == 0)
+        return int(highs[empty[0]]) if empty.size else budget
 
 
 class VectorProbe:
     """A probe for schedule_dp.descend: schedule_vec.search of `units` (tables compiled once), guided
-    by `relaxed` when given (its backward search gets `guide_share` of each probe's time)."""
+    by `relaxed` when given (its backward search gets `guide_share` of each probe's time). With a guide
+    that admits the empty set, a guided walk (schedule_walk.py, `walk_share` of the time) looks for an
+    order under the budget first: status "found" (an order, not proven the least) when it has one."""
 
     def __init__(self, prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
-                 state_cap: int, guide_share: float = 3 / 4) -> None:
+                 state_cap: int, guide_share: float = 3 / 4, walk_share: float = 1 / 4) -> None:
         self.prob, self.units, self.start, self.state_cap, self.guide_share = prob, units, start, state_cap, guide_share
+        self.walk_share = walk_share
         self.tables = UnitTables(prob, units, start)
         self.guides = RelaxedGuides(prob, relaxed, units, start) if relaxed is not None else None
 
@@ -276,6 +324,16 @@ class VectorProbe:
         if self.guides is not None:
             now = time.perf_counter()
             guide = self.guides.at(budget, deadline=now + (deadline - now) * self.guide_share)
+        if guide is not None and guide.admits(np.zeros(1, np.uint64))[0] and self.walk_share:
+            t0 = time.perf_counter()
+            seq = walk(self.guides, self.tables, budget, deadline=t0 + (deadline - t0) * self.walk_share)
+            if seq is not None:
+                order = [o for o in self.prob.with_pending([op for u in seq for op in self.units[u]])
+                         if not (self.start >> o) & 1]
+                peak = max(self.prob.profile(order, self.start))
+                if peak < budget:  # the walk checks every step; a failure here would be a bug in it
+                    return SearchResult(tuple(order), max(floor, peak), "found", len(seq),
+                                        time.perf_counter() - t0)
         return search(self.prob, self.units, self.start, budget=budget, floor=floor, state_cap=self.state_cap,
                       deadline=deadline, tables=self.tables, guide=guide)
 
@@ -287,8 +345,13 @@ class VectorProbe:
         guide = self.guides.at(budget, deadline=deadline)
         return guide is not None and not guide.admits(np.zeros(1, np.uint64))[0]
 
+    def bound(self) -> int | None:
+        """A lower bound on the peak from the guides built so far (RelaxedGuides.bound); None without."""
+        return self.guides.bound() if self.guides is not None else None
+
 
 def vector_probe(prob: Problem, units: Sequence[Sequence[int]], start: int, *, relaxed: Problem | None,
-                 state_cap: int, guide_share: float = 3 / 4) -> VectorProbe:
+                 state_cap: int, guide_share: float = 3 / 4, walk_share: float = 1 / 4) -> VectorProbe:
     """descend's probe on the vector engine (VectorProbe)."""
-    return VectorProbe(prob, units, start, relaxed=relaxed, state_cap=state_cap, guide_share=guide_share)
+    return VectorProbe(prob, units, start, relaxed=relaxed, state_cap=state_cap, guide_share=guide_share,
+                       walk_share=walk_share)

@@ -402,17 +402,17 @@ static int shrink_one(Work *w, int64_t i) {
         int64_t before = cur->mem[i] - dm, step = before + dp;
         if (step >= w->limit) continue;
         if (t->sm_n && w->limit - step <= t->sm_large) {
-            int64_t extra;
             if (t->sm_single[u]) {
                 if (small < 0) small = forced(t, s, -1);
-                extra = small;
-            } else extra = forced(t, s, u);
-            if (step + extra >= w->limit) continue;
+                step += small;
+            } else step += forced(t, s, u);
+            if (step >= w->limit) continue;
         }
         memcpy(w->child, s, (size_t)W * 8);
         w->child[u >> 6] ^= 1ULL << (u & 63);
         last_after(t, rd, w->child, u, w->ready);
-        if (add(&w->out, W, w->child, w->ready, cur->key[i] ^ t->zob[u], 0, 0, before, NONE, NONE, NONE, 0, 0))
+        int64_t high = step > cur->meta[i].peak ? step : cur->meta[i].peak;  /* the child's least highest step */
+        if (add(&w->out, W, w->child, w->ready, cur->key[i] ^ t->zob[u], 0, high, before, NONE, NONE, NONE, 0, 0))
             return FAILED;
     }
     return 0;
@@ -516,9 +516,11 @@ done:
 }
 
 /* Backward search from the full set (resident bytes mem_full): every set from which all units can be
- * finished with every step under `limit`. Writes their keys to `keys` (room for cap + 1); returns how
- * many, or -GAVE_UP past the deadline or `cap`, -FAILED on failure. */
-int64_t backward(const Tables *t, int64_t limit, int64_t mem_full, int64_t cap, double seconds, uint64_t *keys) {
+ * finished with every step under `limit`. Writes their keys to `keys` and the least highest step of
+ * their completions to `highs` (room for cap + 1 each); returns how many, or -GAVE_UP past the
+ * deadline or `cap`, -FAILED on failure. */
+int64_t backward(const Tables *t, int64_t limit, int64_t mem_full, int64_t cap, double seconds, uint64_t *keys,
+                 int64_t *highs) {
     int m = t->m, W = t->W;
     Layer cur = {0};
     Work work[THREADS];
@@ -541,6 +543,8 @@ int64_t backward(const Tables *t, int64_t limit, int64_t mem_full, int64_t cap, 
     for (int u = 0; u < m; u++)  /* `ready` of a backward state: its units that may run last */
         if (!meets(t->succ + (int64_t)u * W, cur.set, W)) cur.ready[u >> 6] |= 1ULL << (u & 63);
     cur.key[0] = key; cur.mem[0] = mem_full;
+    cur.meta[0] = (Meta){INT64_MIN, 0, 0, NONE, NONE, NONE};
+    highs[found] = INT64_MIN;
     keys[found++] = key;
     for (int k = 0; k < m; k++) {
         int got = expand_layer(work, &cur);
@@ -548,6 +552,7 @@ int64_t backward(const Tables *t, int64_t limit, int64_t mem_full, int64_t cap, 
         Layer *next = &work[0].out;
         if (found + next->n > cap) { status = -GAVE_UP; goto done; }
         memcpy(keys + found, next->key, (size_t)next->n * 8);
+        for (int64_t x = 0; x < next->n; x++) highs[found + x] = next->meta[x].peak;
         found += next->n;
         Layer tmp = cur; cur = *next; *next = tmp;
         if (!cur.n) break;

@@ -80,7 +80,7 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.POINTER(ctypes.c_int64)]
         lib.backward.restype = ctypes.c_int64
         lib.backward.argtypes = [ctypes.POINTER(_Tables), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                 ctypes.c_double, ctypes.c_void_p]
+                                 ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
         _lib = lib
     return _lib
 
@@ -217,19 +217,21 @@ def forward(kernel: Kernel, prob: Problem, start: int, *, budget: float, floor: 
     return SearchResult(tuple(o for o in ops if not (start >> o) & 1), best.value, "optimal", stored.value, seconds)
 
 
-def backward(kernel: Kernel, budget: int, *, deadline: float, state_cap: int) -> tuple[np.ndarray | None, int]:
-    """schedule_guide.coreachable on the kernel: (keys, stored), keys None past the deadline or the cap."""
+def backward(kernel: Kernel, budget: int, *, deadline: float, state_cap: int) -> \
+        tuple[np.ndarray | None, np.ndarray | None, int]:
+    """schedule_guide.coreachable on the kernel: (keys, highs, stored), None past the deadline or the cap."""
     tab = kernel.tab
     kernel.configure(_NO_RULES, None)
     full = (1 << tab.m) - 1
     keys = np.empty(state_cap + 1, np.uint64)
+    highs = np.empty(state_cap + 1, np.int64)
     got = library().backward(ctypes.byref(kernel.struct), int(budget), int(tab.prob.mem(tab.done_of(full))),
-                             int(state_cap), _seconds(deadline), keys.ctypes.data)
+                             int(state_cap), _seconds(deadline), keys.ctypes.data, highs.ctypes.data)
     if got == -3:
         raise RuntimeError("schedule kernel failed (out of memory or a step table error)")
     if got < 0:
-        return None, state_cap
-    return keys[:got].copy(), int(got)
+        return None, None, state_cap
+    return keys[:got].copy(), highs[:got].copy(), int(got)
 
 
 class _NoRules:
