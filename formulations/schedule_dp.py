@@ -424,7 +424,8 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
     takes the bound as its floor instead: its order is then the optimum under B, proven in one
     search instead of bisecting bytes, with nine tenths of the time left. There a probe that has
     `refutes(level, deadline)` (schedule_guide.VectorProbe) first tries to prove the peak optimal from
-    its guide alone (half the time left; an unguided one answers False at once), and takes the guide's
+    its guide alone (three quarters of the time left: that one backward search also serves the probes
+    below; an unguided one answers False at once), and takes the guide's
     own bound (`bound()`: no order peaks under it) when that is higher; then the first probe sits in
     the middle of the gap (two thirds of the time left). A probe may answer "found": an order under
     the level that is not proven the least (the guided walk): the peak drops, the bound stays.
@@ -452,7 +453,7 @@ def descend(prob: Problem, units: Sequence[Sequence[int]], start: int, order: Se
         # peak optimal alone; else start in the middle: a lower probe stores fewer states, its guide
         # often refutes it at once, and a probe that finds an order finds the optimum
         now = time.perf_counter()
-        if refutes(peak, now + (deadline - now) / 2):
+        if refutes(peak, now + (deadline - now) * 3 / 4):
             bound = peak
         found = getattr(probe, "bound", lambda: None)()  # the guide's own lower bound, below the peak
         if found is not None and found > bound:
