@@ -40,8 +40,8 @@ def walk(guides, real: UnitTables, budget: int, *, deadline: float) -> list[int]
     tab, small = guides.tables, guides.tables.small
     prob, rprob = real.prob, tab.prob
     real_of, lazy = guides.real_of, guides.lazy_units
-    rpred = [sum(1 << v for w, msk in pw for v in bits(int(msk) << (64 * w))) for pw in tab.pred_words]
-    upred = [sum(1 << v for w, msk in pw for v in bits(int(msk) << (64 * w))) for pw in real.pred_words]
+    rpred = [sum(int(msk) << (64 * w) for w, msk in pw) for pw in tab.pred_words]  # unit bit-sets
+    upred = [sum(int(msk) << (64 * w) for w, msk in pw) for pw in real.pred_words]
     full = (1 << tab.m) - 1
     seq: list[int] = []
     ticks = [0]
