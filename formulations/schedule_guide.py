@@ -53,7 +53,7 @@ import numpy as np
 
 from formulations import schedule_native
 from formulations.schedule_dp import INF, Problem, SearchResult, bits
-from formulations.schedule_units import UnitTables
+from formulations.schedule_units import UnitTables, column
 from formulations.schedule_vec import CHUNK, _children, _merge, search
 from formulations.schedule_walk import walk
 
@@ -175,7 +175,7 @@ def coreachable(tab: UnitTables, budget: int, *, deadline: float = INF, state_ca
         return schedule_native.backward(kernel, budget, deadline=deadline, state_cap=state_cap)
     m = tab.m
     full = (1 << m) - 1
-    states = np.array([[(full >> (64 * w)) & (2**64 - 1)] for w in range(tab.width)], np.uint64)
+    states = column(full, tab.width)
     key = np.bitwise_xor.reduce(tab.zobrist, keepdims=True) if m else np.zeros(1, np.uint64)
     mem = np.array([tab.prob.mem(tab.done_of(full))], np.int64)
     high = np.array([np.iinfo(np.int64).min], np.int64)
@@ -331,9 +331,9 @@ class VectorProbe:
                 order = [o for o in self.prob.with_pending([op for u in seq for op in self.units[u]])
                          if not (self.start >> o) & 1]
                 peak = max(self.prob.profile(order, self.start))
-                if peak < budget:  # the walk checks every step; a failure here would be a bug in it
-                    return SearchResult(tuple(order), max(floor, peak), "found", len(seq),
-                                        time.perf_counter() - t0)
+                if peak >= budget:  # the walk checks every step with the same Problem.step
+                    raise AssertionError(f"guided walk returned an order of peak {peak}, budget {budget}")
+                return SearchResult(tuple(order), max(floor, peak), "found", len(seq), time.perf_counter() - t0)
         return search(self.prob, self.units, self.start, budget=budget, floor=floor, state_cap=self.state_cap,
                       deadline=deadline, tables=self.tables, guide=guide)
 

@@ -37,6 +37,11 @@ def words(mask: int, width: int) -> tuple[tuple[int, np.uint64], ...]:
                  if (mask >> (64 * w)) & (2**64 - 1))
 
 
+def column(state: int, width: int) -> np.ndarray:
+    """A unit bit-set as one (width, 1) uint64 column (the vector engine's layout of a state)."""
+    return np.array([[(state >> (64 * w)) & (2**64 - 1)] for w in range(width)], np.uint64)
+
+
 def closure(preds: list[int]) -> list[int]:
     """Transitive closure of a DAG given as predecessor bit-sets."""
     out: list[int | None] = [None] * len(preds)

@@ -26,11 +26,7 @@ import time
 import numpy as np
 
 from formulations.schedule_dp import bits
-from formulations.schedule_units import UnitTables
-
-
-def _column(state: int, width: int) -> np.ndarray:
-    return np.array([[(state >> (64 * w)) & (2**64 - 1)] for w in range(width)], np.uint64)
+from formulations.schedule_units import UnitTables, column
 
 
 def walk(guides, real: UnitTables, budget: int, *, deadline: float) -> list[int] | None:
@@ -103,9 +99,9 @@ def walk(guides, real: UnitTables, budget: int, *, deadline: float) -> list[int]
                 continue
             T2 = T | (1 << u)
             if small is not None and budget - step <= small.large:
-                after = _column(T2, tab.width)
+                after = column(T2, tab.width)
                 step += int(small.forced(after)[0] if len(tab.units[u]) == 1 else
-                            small.forced(after, _column(T, tab.width))[0])
+                            small.forced(after, column(T, tab.width))[0])
                 if step >= budget:
                     continue
             mark = len(seq)
