@@ -110,7 +110,8 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
 
     def counted(probe, log: list):
         """The probe, recording (budget, status, states, seconds) of every call (of its guide-only
-        refutation too: status "refuted" or "not refuted", 0 states)."""
+        refutation too: status "refuted" or "not refuted", 0 states; of its walk alone: "walked" or
+        "walk failed")."""
         def run(budget, floor, until):
             res = probe(budget, floor, until)
             log.append((budget, res.status, res.states, res.seconds))
@@ -121,8 +122,15 @@ def segment_study(graph, time_limit: float, min_ops: int) -> list[dict]:
             got = probe.refutes(budget, until)
             log.append((budget, "refuted" if got else "not refuted", 0, time.perf_counter() - t0))
             return got
+        def walk(budget, until):
+            t0 = time.perf_counter()
+            res = probe.walk(budget, until)
+            log.append((budget, "walked" if res is not None else "walk failed", res.states if res else 0,
+                        time.perf_counter() - t0))
+            return res
         run.refutes = refutes
         run.bound = probe.bound
+        run.walk = walk
         return run
 
     prob = Problem(graph)

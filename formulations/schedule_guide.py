@@ -35,7 +35,10 @@ peaks). So one search at the best peak serves the whole bisection below it: the 
 whose high is under B, and the empty set's high is a lower bound of the real optimum (RelaxedGuides.
 bound; every real order under the budget has its projection's steps, plus the resident small bytes at
 tight ones, at or under its own steps). Within `large` less the small buffers of the search's budget the
-tight steps are the same, so that guide is the one a search at B would build; further down a new search runs.
+tight steps are the same, so that guide is the one a search at B would build; further down it is weaker
+than a search at B (fewer steps are tight) but still sound (a real order under B is under the search's
+budget, where its tight-step bound holds), and probes filter it rather than search anew: a new search
+costs about as much as the first (RandWire ER seed 2 stage 2: 27 s), more than the probes it serves.
 
 Size: the co-reachable relaxed sets (10^5 - 10^7 on RandWire stages); their Zobrist keys go into a
 one-hash Bloom table of 16 bits per key (at most 128 MiB), one lookup per state. A false positive or a
@@ -47,7 +50,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -73,12 +76,18 @@ class Guide:
     seconds: float
 
     @classmethod
-    def of(cls, unit_keys: np.ndarray, keys: np.ndarray, states: int, seconds: float) -> Guide:
-        bits = int(min(MAX_TABLE_BITS, max(12, (16 * keys.size - 1).bit_length())))
+    def of(cls, unit_keys: np.ndarray, keys: np.ndarray, highs: np.ndarray, budget: int, states: int,
+           seconds: float) -> Guide:
+        """The guide at `budget` of a backward search's keys and highs (coreachable): its sets whose high
+        is under the budget."""
+        below = highs < budget
+        count = int(np.count_nonzero(below))
+        bits = int(min(MAX_TABLE_BITS, max(12, (16 * count - 1).bit_length())))
         shift = np.uint64(64 - bits)
         table = np.zeros(1 << (bits - 6), np.uint64)
-        at = keys >> shift
-        np.bitwise_or.at(table, (at >> np.uint64(6)).astype(np.int64), np.uint64(1) << (at & np.uint64(63)))
+        if not schedule_native.bloom(keys, highs, budget, table, shift):
+            at = keys[below] >> shift
+            np.bitwise_or.at(table, (at >> np.uint64(6)).astype(np.int64), np.uint64(1) << (at & np.uint64(63)))
         return cls(unit_keys, table, shift, states, seconds)
 
     def admits(self, key: np.ndarray) -> np.ndarray:
@@ -266,35 +275,51 @@ class RelaxedGuides:
         self.real_of = {index[p]: k for k, p in enumerate(parts) if p}  # relaxed unit -> its real unit
         self.lazy_units = [k for k, p in enumerate(parts) if not p]  # real units of relaxed-lazy ops only
         self.top: tuple[int, np.ndarray, np.ndarray, int] | None = None  # budget, keys, highs, sets stored
-        self.sorted: tuple | None = None  # (top, its keys sorted, their highs) for highs_of
+        self.highs: tuple | None = None  # (top, a lookup of its highs) for highs_of
 
     def at(self, budget: int, *, deadline: float = INF, state_cap: int = GUIDE_CAP) -> Guide | None:
         """The guide at `budget`, from the backward search at a budget no lower (run now when there is
         none); None when that search gives up."""
-        if not self.fits:
-            return None
         t0 = time.perf_counter()
-        small = self.tables.small
-        # below the window a step tight at `budget` may not be tight at the search's budget: build anew
-        window = small.large - sum(small.sizes) if small is not None and small.sizes else INF
-        if self.top is None or self.top[0] < budget or self.top[0] - budget > window:
+        if not self._search(budget, deadline, state_cap):
+            return None
+        _, keys, highs, stored = self.top
+        return Guide.of(self.unit_keys, keys, highs, budget, stored, time.perf_counter() - t0)
+
+    def refutes(self, budget: int, *, deadline: float = INF) -> bool:
+        """Whether the guide at `budget` leaves out the empty set (no order peaks under the budget), from
+        the highs alone (no table); False when the backward search gives up."""
+        return self._search(budget, deadline, GUIDE_CAP) and not self.bound() < budget
+
+    def _search(self, budget: int, deadline: float, state_cap: int) -> bool:
+        """Make self.top a backward search at `budget` or above; False when the guide cannot be used or
+        the search gives up."""
+        if not self.fits:
+            return False
+        if self.top is None or self.top[0] < budget:  # one at a higher budget serves (module docstring)
             keys, highs, stored = coreachable(self.tables, budget, deadline=deadline, state_cap=state_cap)
             if keys is None:
-                return None
+                return False
             self.top = (budget, keys, highs, stored)
-        _, keys, highs, stored = self.top
-        return Guide.of(self.unit_keys, keys[highs < budget], stored, time.perf_counter() - t0)
+        return True
 
     def highs_of(self, keys: np.ndarray) -> np.ndarray:
-        """The high of each relaxed set key (coreachable) in the last backward search; the int64 maximum
-        for a set it did not store (none of its completions fits)."""
-        if self.sorted is None or self.sorted[0] is not self.top:
-            _, top_keys, top_highs, _ = self.top
-            order = np.argsort(top_keys)
-            self.sorted = (self.top, top_keys[order], top_highs[order])
-        _, skeys, shighs = self.sorted
-        at = np.minimum(np.searchsorted(skeys, keys), skeys.size - 1)
-        return np.where(skeys[at] == keys, shighs[at], np.iinfo(np.int64).max)
+        """The high (coreachable) of each relaxed set key in the last backward search; the int64 maximum
+        for a set it did not store (none of its completions fits). Highs far under the search's budget
+        (2^32 bytes) read as that, and a key may rarely take another's high (the kernel's table keeps a
+        31-bit fingerprint): the walk only orders and skips by them, and checks every real step."""
+        if self.highs is None or self.highs[0] is not self.top:
+            budget, top_keys, top_highs, _ = self.top
+            table = schedule_native.HighTable.of(top_keys, top_highs, budget)
+            if table is None:  # numpy: the keys sorted
+                order = np.argsort(top_keys)
+                skeys, shighs = top_keys[order], np.maximum(top_highs[order], budget - (2**32 - 1))
+
+                def table(keys: np.ndarray) -> np.ndarray:
+                    at = np.minimum(np.searchsorted(skeys, keys), skeys.size - 1)
+                    return np.where(skeys[at] == keys, shighs[at], np.iinfo(np.int64).max)
+            self.highs = (self.top, table)
+        return self.highs[1](keys)
 
     def bound(self) -> int | None:
         """The least budget at which the last backward search's guide admits the empty set, less one:
@@ -325,25 +350,34 @@ class VectorProbe:
             now = time.perf_counter()
             guide = self.guides.at(budget, deadline=now + (deadline - now) * self.guide_share)
         if guide is not None and guide.admits(np.zeros(1, np.uint64))[0] and self.walk_share:
-            t0 = time.perf_counter()
-            seq = walk(self.guides, self.tables, budget, deadline=t0 + (deadline - t0) * self.walk_share)
-            if seq is not None:
-                order = [o for o in self.prob.with_pending([op for u in seq for op in self.units[u]])
-                         if not (self.start >> o) & 1]
-                peak = max(self.prob.profile(order, self.start))
-                if peak >= budget:  # the walk checks every step with the same Problem.step
-                    raise AssertionError(f"guided walk returned an order of peak {peak}, budget {budget}")
-                return SearchResult(tuple(order), max(floor, peak), "found", len(seq), time.perf_counter() - t0)
+            now = time.perf_counter()
+            found = self.walk(budget, now + (deadline - now) * self.walk_share)
+            if found is not None:
+                return replace(found, peak=max(floor, found.peak))
         return search(self.prob, self.units, self.start, budget=budget, floor=floor, state_cap=self.state_cap,
                       deadline=deadline, tables=self.tables, guide=guide)
+
+    def walk(self, budget: int, deadline: float) -> SearchResult | None:
+        """An order under `budget` by the guided walk (status "found": not proven the least; its own peak), on the
+        guides' last backward search (None without one at `budget` or above, or when the walk fails)."""
+        t0 = time.perf_counter()
+        guides = self.guides
+        if guides is None or guides.top is None or guides.top[0] < budget or not guides.bound() < budget:
+            return None
+        seq = walk(guides, self.tables, budget, deadline=deadline)
+        if seq is None:
+            return None
+        order = [o for o in self.prob.with_pending([op for u in seq for op in self.units[u]])
+                 if not (self.start >> o) & 1]
+        peak = max(self.prob.profile(order, self.start))
+        if peak >= budget:  # the walk checks every step with the same Problem.step
+            raise AssertionError(f"guided walk returned an order of peak {peak}, budget {budget}")
+        return SearchResult(tuple(order), peak, "found", len(seq), time.perf_counter() - t0)
 
     def refutes(self, budget: int, deadline: float) -> bool:
         """Whether the guide at `budget` alone proves that no order peaks under it (its backward search
         never reaches the empty set); False without a guide or past the deadline."""
-        if self.guides is None:
-            return False
-        guide = self.guides.at(budget, deadline=deadline)
-        return guide is not None and not guide.admits(np.zeros(1, np.uint64))[0]
+        return self.guides is not None and self.guides.refutes(budget, deadline=deadline)
 
     def bound(self) -> int | None:
         """A lower bound on the peak from the guides built so far (RelaxedGuides.bound); None without."""

@@ -234,6 +234,8 @@ typedef struct {
     Cand *cand;
     uint64_t *child, *rows, *ready;
     int64_t *udp, *udm, *seen, gen;  /* the state's deltas of its ready units (seen[u] == gen: set) */
+    int64_t *minus;                  /* backward: per unit, forced()'s minus (0 between states) */
+    int32_t *touched;                /* the units whose minus is set */
 } Work;
 
 static int work_init(Work *w, const Tables *t) {
@@ -242,11 +244,14 @@ static int work_init(Work *w, const Tables *t) {
     w->cand = malloc((size_t)(t->m + 1) * sizeof *w->cand);
     w->child = calloc(t->W, 8); w->rows = calloc(t->W, 8); w->ready = calloc(t->W, 8);
     w->udp = calloc(t->m + 1, 8); w->udm = calloc(t->m + 1, 8); w->seen = calloc(t->m + 1, 8);
-    return w->cand && w->child && w->rows && w->ready && w->udp && w->udm && w->seen ? 0 : -1;
+    w->minus = calloc(t->m + 1, 8); w->touched = calloc(t->m + 1, 4);
+    return w->cand && w->child && w->rows && w->ready && w->udp && w->udm && w->seen && w->minus && w->touched
+        ? 0 : -1;
 }
 
 static void work_free(Work *w) {
     free(w->cand); free(w->child); free(w->rows); free(w->ready); free(w->udp); free(w->udm); free(w->seen);
+    free(w->minus); free(w->touched);
     layer_free(&w->out);
 }
 
@@ -361,19 +366,24 @@ scanned:;
     return 0;
 }
 
-/* Bytes of the small buffers certainly resident at a tight step into the set s (SmallBuffers.forced);
- * u >= 0: a reader in unit u does not count as run (u has several ops). */
-static int64_t forced(const Tables *t, const uint64_t *s, int u) {
+/* The small buffers certainly resident at a tight step into the set s (SmallBuffers.forced), for every
+ * unit that may run last at once: their bytes (`base`, every reader in s counted as run), and per unit u
+ * the bytes of those whose only reader in s is in u (`minus[u]`): for a unit of several ops such a
+ * reader does not count as run (its highest step may come first), so it takes base - minus[u].
+ * The units whose minus was set go to `touched` (*nt of them) for the caller to reset. */
+static int64_t forced(const Tables *t, const uint64_t *s, int64_t *minus, int32_t *touched, int *nt) {
     int W = t->W;
-    int64_t total = 0;
+    int64_t base = 0;
     for (int j = 0; j < t->sm_n; j++) {
         const uint64_t *d = t->sm_done + (int64_t)j * W;
-        if (!t->sm_always[j] && !meets(d, s, W)) continue;
-        if (!t->sm_always[j] && u >= 0) {
-            int ran = 0;
-            for (int w = 0; w < W && !ran; w++)
-                ran = (d[w] & s[w] & ~(w == u >> 6 ? 1ULL << (u & 63) : 0)) != 0;
-            if (!ran) continue;
+        int only = -1;  /* the unit of the one reader in s, -2: several */
+        if (!t->sm_always[j]) {
+            for (int w = 0; w < W && only != -2; w++) {
+                uint64_t x = d[w] & s[w];
+                if (!x) continue;
+                only = only == -1 && !(x & (x - 1)) ? 64 * w + __builtin_ctzll(x) : -2;
+            }
+            if (only == -1) continue;
         }
         int pending = 0;
         for (int k = t->sm_wit[j]; k < t->sm_wit[j + 1] && !pending; k++) {
@@ -382,9 +392,14 @@ static int64_t forced(const Tables *t, const uint64_t *s, int u) {
             for (int b = t->wit_b[k]; b < t->wit_b[k + 1] && !pending; b++)
                 pending = !meets(t->wit_bmask + (int64_t)b * W, s, W);
         }
-        if (pending) total += t->sm_size[j];
+        if (!pending) continue;
+        base += t->sm_size[j];
+        if (only >= 0) {
+            if (!minus[only]) touched[(*nt)++] = only;
+            minus[only] += t->sm_size[j];
+        }
     }
-    return total;
+    return base;
 }
 
 /* Backward children of state i: the set less one unit that may run last, under the limit (a tight
@@ -394,18 +409,18 @@ static int shrink_one(Work *w, int64_t i) {
     const Layer *cur = w->cur;
     int W = t->W;
     const uint64_t *s = cur->set + i * W, *rd = cur->ready + i * W;
-    int64_t small = -1;  /* forced(t, s) once needed */
-    for (int x = 0; x < W; x++) for (uint64_t b = rd[x]; b; b &= b - 1) {
+    int64_t small = -1;  /* forced(...) once needed */
+    int nt = 0;
+    int status = 0;
+    for (int x = 0; x < W && !status; x++) for (uint64_t b = rd[x]; b && !status; b &= b - 1) {
         int u = 64 * x + __builtin_ctzll(b);
         int64_t dp, dm;
-        if (delta(t, u, s, &dp, &dm)) return FAILED;
+        if (delta(t, u, s, &dp, &dm)) { status = FAILED; break; }
         int64_t before = cur->mem[i] - dm, step = before + dp;
         if (step >= w->limit) continue;
         if (t->sm_n && w->limit - step <= t->sm_large) {
-            if (t->sm_single[u]) {
-                if (small < 0) small = forced(t, s, -1);
-                step += small;
-            } else step += forced(t, s, u);
+            if (small < 0) small = forced(t, s, w->minus, w->touched, &nt);
+            step += small - (t->sm_single[u] ? 0 : w->minus[u]);
             if (step >= w->limit) continue;
         }
         memcpy(w->child, s, (size_t)W * 8);
@@ -413,9 +428,10 @@ static int shrink_one(Work *w, int64_t i) {
         last_after(t, rd, w->child, u, w->ready);
         int64_t high = step > cur->meta[i].peak ? step : cur->meta[i].peak;  /* the child's least highest step */
         if (add(&w->out, W, w->child, w->ready, cur->key[i] ^ t->zob[u], 0, high, before, NONE, NONE, NONE, 0, 0))
-            return FAILED;
+            status = FAILED;
     }
-    return 0;
+    for (int k = 0; k < nt; k++) w->minus[w->touched[k]] = 0;
+    return status;
 }
 
 static int backward_mode;  /* set per call: which expansion the workers run (calls are not concurrent) */
@@ -562,4 +578,49 @@ done:
     for (int j = 0; j < THREADS; j++) work_free(&work[j]);
     layer_free(&cur);
     return status;
+}
+
+/* A guide's Bloom table (schedule_guide.Guide): bit key >> shift set for each of the n keys whose
+ * high is under `below`; returns how many. */
+int64_t bloom(const uint64_t *keys, const int64_t *highs, int64_t n, int64_t below, uint64_t *table, uint64_t shift) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (highs[i] >= below) continue;
+        uint64_t at = keys[i] >> shift;
+        table[at >> 6] |= 1ULL << (at & 63);
+        kept++;
+    }
+    return kept;
+}
+
+/* The n keys and their highs in an open-addressing table (schedule_guide.RelaxedGuides.highs_of):
+ * slot entry (fingerprint << 32) | (high - base), the fingerprint the key's low 32 bits with bit 0 set
+ * (0: an empty slot), high - base clipped to [0, 2^32 - 1]; `slots` a power of two above n, home key >> shift.
+ * Equal fingerprints from one home on keep the least high. */
+void high_table(const uint64_t *keys, const int64_t *highs, int64_t n, int64_t base, uint64_t *table,
+                int64_t slots, uint64_t shift) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t v = highs[i] - base;
+        uint64_t c = v < 0 ? 0 : v > (int64_t)UINT32_MAX ? UINT32_MAX : (uint64_t)v;
+        uint64_t fp = (keys[i] | 1) & UINT32_MAX;
+        for (int64_t at = keys[i] >> shift;; at = (at + 1) & (slots - 1)) {
+            uint64_t e = table[at];
+            if (!e) { table[at] = fp << 32 | c; break; }
+            if (e >> 32 == fp) { if (c < (e & UINT32_MAX)) table[at] = fp << 32 | c; break; }
+        }
+    }
+}
+
+/* The high of each of the n keys in a high_table (base + its entry), INT64_MAX for a key not there. */
+void high_lookup(const uint64_t *table, int64_t slots, uint64_t shift, int64_t base, const uint64_t *keys, int64_t n,
+                 int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t fp = (keys[i] | 1) & UINT32_MAX;
+        out[i] = INT64_MAX;
+        for (int64_t at = keys[i] >> shift;; at = (at + 1) & (slots - 1)) {
+            uint64_t e = table[at];
+            if (!e) break;
+            if (e >> 32 == fp) { out[i] = base + (int64_t)(e & UINT32_MAX); break; }
+        }
+    }
 }

@@ -81,6 +81,15 @@ def library() -> ctypes.CDLL | None:
         lib.backward.restype = ctypes.c_int64
         lib.backward.argtypes = [ctypes.POINTER(_Tables), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bloom.restype = ctypes.c_int64
+        lib.bloom.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_uint64]
+        lib.high_table.restype = None
+        lib.high_table.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_uint64]
+        lib.high_lookup.restype = None
+        lib.high_lookup.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_void_p]
         _lib = lib
     return _lib
 
@@ -232,6 +241,42 @@ def backward(kernel: Kernel, budget: int, *, deadline: float, state_cap: int) ->
     if got < 0:
         return None, None, state_cap
     return keys[:got].copy(), highs[:got].copy(), int(got)
+
+
+def bloom(keys: np.ndarray, highs: np.ndarray, below: int, table: np.ndarray, shift: np.uint64) -> bool:
+    """Set bit key >> shift of `table` for each key whose high is under `below` (schedule_guide.Guide.of);
+    False without the kernel (the caller sets them with numpy)."""
+    if not enabled or library() is None:
+        return False
+    keys, highs = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(highs, np.int64)
+    library().bloom(keys.ctypes.data, highs.ctypes.data, keys.size, int(below), table.ctypes.data, int(shift))
+    return True
+
+
+class HighTable:
+    """The keys and highs of a backward search in an open-addressing table in C (high_table in the
+    kernel), for schedule_guide.RelaxedGuides.highs_of: 8 bytes a slot, at least twice the keys."""
+
+    def __init__(self, keys: np.ndarray, highs: np.ndarray, budget: int) -> None:
+        bits = max(12, (2 * keys.size).bit_length())
+        self.slots, self.shift, self.base = 1 << bits, np.uint64(64 - bits), budget - (2**32 - 1)
+        self.table = np.zeros(self.slots, np.uint64)
+        keys, highs = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(highs, np.int64)
+        library().high_table(keys.ctypes.data, highs.ctypes.data, keys.size, self.base, self.table.ctypes.data,
+                             self.slots, int(self.shift))
+
+    @classmethod
+    def of(cls, keys: np.ndarray, highs: np.ndarray, budget: int) -> HighTable | None:
+        """The table (highs at or above budget - 2^32 + 1 exact, lower ones reported as that), None
+        without the kernel."""
+        return cls(keys, highs, budget) if enabled and library() is not None else None
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.ascontiguousarray(keys, np.uint64)
+        out = np.empty(keys.size, np.int64)
+        library().high_lookup(self.table.ctypes.data, self.slots, int(self.shift), self.base, keys.ctypes.data,
+                              keys.size, out.ctypes.data)
+        return out
 
 
 class _NoRules:

@@ -15,7 +15,7 @@ unit after the real units it needs (relaxed-lazy units: the products of a weight
 dying input in place), every real step under B. Between units it runs each ready relaxed-lazy real
 unit that neither raises a step above the bytes resident nor raises them (schedule_dp's commit rule:
 the last product of a weighted sum, freeing its sigmoid(w)), so a node's small buffer dies as early
-as it can. Dead ends backtrack, within a time limit.
+as it can. Dead ends backtrack, within a time limit and VISITS_PER_UNIT sets per unit.
 """
 
 from __future__ import annotations
@@ -28,17 +28,22 @@ import numpy as np
 from formulations.schedule_dp import bits
 from formulations.schedule_units import UnitTables, column
 
+VISITS_PER_UNIT = 2  # a walk gives up after this many relaxed sets per unit: one that finds an order
+# rarely backtracks (RandWire ER seed 1 stage 2: 104 visits for 104 units at every level it succeeds),
+# one that fails spends ~15 ms a visit there, and without a cap it backtracks through an exponential tree
+
 
 def walk(guides, real: UnitTables, budget: int, *, deadline: float) -> list[int] | None:
     """Real units of `real` in an order whose every step is under `budget`, found along the guide of
     `guides` (a schedule_guide.RelaxedGuides over the same units, its backward search at a budget no
-    lower already run); None when the walk finds none before `deadline`."""
+    lower already run); None when the walk finds none before `deadline` or within its visits."""
     tab, small = guides.tables, guides.tables.small
     prob, rprob = real.prob, tab.prob
     real_of, lazy = guides.real_of, guides.lazy_units
     rpred = [sum(int(msk) << (64 * w) for w, msk in pw) for pw in tab.pred_words]  # unit bit-sets
     upred = [sum(int(msk) << (64 * w) for w, msk in pw) for pw in real.pred_words]
     full = (1 << tab.m) - 1
+    visits = VISITS_PER_UNIT * max(1, tab.m)
     seq: list[int] = []
     ticks = [0]
 
@@ -84,8 +89,8 @@ def walk(guides, real: UnitTables, budget: int, *, deadline: float) -> list[int]
                 S, done, mem = got
             return True
         ticks[0] += 1
-        if ticks[0] < 0 or ticks[0] & 15 == 0 and time.perf_counter() > deadline:
-            ticks[0] = -1 << 62  # past the deadline: every caller unwinds at once
+        if ticks[0] < 0 or ticks[0] > visits or ticks[0] & 15 == 0 and time.perf_counter() > deadline:
+            ticks[0] = -1 << 62  # past the deadline or the visits: every caller unwinds at once
             return False
         ready = [u for u in range(tab.m) if not (T >> u) & 1 and not rpred[u] & ~T]
         highs = guides.highs_of(key ^ tab.zobrist[ready])
