@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.schedule import load_graph
     from formulations import schedule
     from formulations.schedule_dp import Problem
-    from formulations.schedule_guide import RelaxedGuides, coreachable
+    from formulations.schedule_guide import RelaxedGuides
     from formulations.schedule_heuristics import neutral_units
 
     graph = load_graph(args.graph)
@@ -39,19 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.graph} segment {args.segment}: {len(units)} units, {guides.tables.m} relaxed; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     for budget in map(int, args.budgets.split(",")):
+        guides.top = None  # each budget searched anew, not filtered from the last
         t0 = time.perf_counter()
-        keys, highs, stored = coreachable(guides.tables, budget)
+        refuted = guides.refutes(budget)
         searched = time.perf_counter() - t0
-        empty = highs[keys == 0]
-        guides.top = (budget, keys, highs, stored)
         t0 = time.perf_counter()
         guides.at(budget)
         table = time.perf_counter() - t0
         t0 = time.perf_counter()
         guides.highs_of(np.zeros(1, np.uint64))
         lookup = time.perf_counter() - t0
-        print(f"budget {budget}: {stored:,} sets, {searched:.1f} s; bound "
-              f"{int(empty[0]) if empty.size else 'none (refuted)'}; Bloom table {table:.1f} s, "
+        print(f"budget {budget}: {guides.top[3]:,} sets, {searched:.1f} s; "
+              f"{'refuted' if refuted else f'bound {guides.bound()}'}; Bloom table {table:.1f} s, "
               f"highs lookup {lookup:.1f} s", flush=True)
     return 0
 

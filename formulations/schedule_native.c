@@ -581,16 +581,13 @@ done:
 }
 
 /* A guide's Bloom table (schedule_guide.Guide): bit key >> shift set for each of the n keys whose
- * high is under `below`; returns how many. */
-int64_t bloom(const uint64_t *keys, const int64_t *highs, int64_t n, int64_t below, uint64_t *table, uint64_t shift) {
-    int64_t kept = 0;
+ * high is under `below`. */
+void bloom(const uint64_t *keys, const int64_t *highs, int64_t n, int64_t below, uint64_t *table, uint64_t shift) {
     for (int64_t i = 0; i < n; i++) {
         if (highs[i] >= below) continue;
         uint64_t at = keys[i] >> shift;
         table[at >> 6] |= 1ULL << (at & 63);
-        kept++;
     }
-    return kept;
 }
 
 /* The n keys and their highs in an open-addressing table (schedule_guide.RelaxedGuides.highs_of):

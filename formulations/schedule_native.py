@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
         lib.backward.restype = ctypes.c_int64
         lib.backward.argtypes = [ctypes.POINTER(_Tables), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
-        lib.bloom.restype = ctypes.c_int64
+        lib.bloom.restype = None
         lib.bloom.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_uint64]
         lib.high_table.restype = None
